@@ -1,0 +1,196 @@
+"""Text generation behind one interface, two backends.
+
+`TransformersGenerator` runs the base checkpoint (optionally with a LoRA adapter) in process with
+batched greedy decoding; `OpenAIGenerator` asks any OpenAI-compatible `/v1/chat/completions`
+endpoint (vLLM, DeepSeek, ragtune's own server). Both turn one user text into one answer through
+the model's chat template (`ragtune.prompts`), so eval, the server and the bundle see the same prompts.
+Greedy by default: sampled outputs (the seed used temperature 0.6) cannot be reproduced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from ragtune.prompts import apply_chat_template, chat_messages
+
+
+class Generator(Protocol):
+    def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+
+class TransformersGenerator:
+    """In-process generation: batched greedy decoding with left padding.
+
+    Prompts are sorted by token length before batching so that each batch holds little padding;
+    answers come back in the caller's order, decoded without special tokens and stripped.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike,
+        adapter_dir: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        system: str | None = None,
+        merge_adapter: bool = True,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_dir = Path(base_dir)
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self.batch_size = max(1, int(batch_size))
+        self.system = system
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=getattr(torch, dtype))
+        if self.adapter_dir is not None:
+            from peft import PeftModel
+
+            if not (self.adapter_dir / "adapter_config.json").exists():
+                raise FileNotFoundError(f"{self.adapter_dir}: no adapter_config.json (not a peft adapter)")
+            model = PeftModel.from_pretrained(model, self.adapter_dir)
+            if merge_adapter:  # same function, no per-layer LoRA detour at every decoding step
+                model = model.merge_and_unload()
+        self.model = model.eval()
+        self._lock = threading.Lock()  # one forward pass at a time when a server shares the model
+
+    def prompt(self, user_text: str) -> str:
+        return apply_chat_template(self.tokenizer, user_text, self.system)
+
+    def _generation_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
+        return {
+            "max_new_tokens": int(max_new_tokens),
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
+        import torch
+
+        prompts = [self.prompt(t) for t in user_texts]
+        lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            with self._lock, torch.inference_mode():
+                out = self.model.generate(**enc, **self._generation_kwargs(max_new_tokens))
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            for i, text in zip(batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                answers[i] = text.strip()
+        return answers
+
+    def stream(self, user_text: str, max_new_tokens: int) -> Iterator[str]:
+        """Pieces of the answer as they are decoded (for the server's streaming responses)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**enc, streamer=streamer, **self._generation_kwargs(max_new_tokens))
+            except BaseException as err:  # surfaced to the consumer below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible chat endpoint; requests run concurrently, greedy (temperature 0)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        timeout: float = 120.0,
+        max_concurrency: int = 8,
+        system: str | None = None,
+        max_retries: int = 2,
+    ):
+        from openai import OpenAI
+
+        api_key = "EMPTY"  # local servers (vLLM, ragtune serve) accept any key
+        if api_key_env:
+            api_key = os.environ.get(api_key_env) or ""
+            if not api_key:
+                raise RuntimeError(f"environment variable {api_key_env} is empty: it must hold the API key")
+        self.model = model
+        self.system = system
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+
+    def _one(self, user_text: str, max_new_tokens: int) -> str:
+        resp = self.client.chat.completions.create(
+            model=self.model,
+            messages=chat_messages(user_text, self.system),
+            max_tokens=int(max_new_tokens),
+            temperature=0.0,
+        )
+        return (resp.choices[0].message.content or "").strip()
+
+    def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(lambda t: self._one(t, max_new_tokens), user_texts))
+
+    def stream(self, user_text: str, max_new_tokens: int) -> Iterator[str]:
+        chunks = self.client.chat.completions.create(
+            model=self.model,
+            messages=chat_messages(user_text, self.system),
+            max_tokens=int(max_new_tokens),
+            temperature=0.0,
+            stream=True,
+        )
+        for chunk in chunks:
+            if chunk.choices and (piece := chunk.choices[0].delta.content):
+                yield piece
+
+
+def load_generator(cfg: dict[str, Any]) -> TransformersGenerator | OpenAIGenerator:
+    """A generator from config: `{backend: transformers, base_dir, adapter_dir?, batch_size?, dtype?}`
+    or `{backend: openai, base_url, model, api_key_env?, timeout?, max_concurrency?}`; `system` for both."""
+    backend = cfg.get("backend", "transformers")
+    if backend == "transformers":
+        return TransformersGenerator(
+            cfg["base_dir"],
+            adapter_dir=cfg.get("adapter_dir"),
+            batch_size=cfg.get("batch_size", 8),
+            dtype=cfg.get("dtype", "float32"),
+            system=cfg.get("system"),
+        )
+    if backend == "openai":
+        return OpenAIGenerator(
+            cfg["base_url"],
+            cfg["model"],
+            api_key_env=cfg.get("api_key_env"),
+            timeout=cfg.get("timeout", 120.0),
+            max_concurrency=cfg.get("max_concurrency", 8),
+            system=cfg.get("system"),
+        )
+    raise ValueError(f"unknown generator backend '{backend}' (expected transformers or openai)")

@@ -1,0 +1,104 @@
+"""Generation backends: batched greedy == one by one; the OpenAI backend against a loopback server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ragtune.inference import OpenAIGenerator, TransformersGenerator, load_generator
+
+PROMPTS = ["What is 2+2?", "请用一句话介绍北京。", "Name a colour.", "Say hi"]
+
+
+@pytest.fixture(scope="module")
+def generator(base_generator):
+    return TransformersGenerator(base_generator, batch_size=4)
+
+
+def test_batched_generation_equals_one_by_one(generator):
+    # prompts of different lengths, so the batch really is left-padded
+    batched = generator.generate(PROMPTS, max_new_tokens=10)
+    single = [generator.generate([p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert batched == single
+    assert all(isinstance(a, str) and a == a.strip() for a in batched)
+    assert "<|im_end|>" not in "".join(batched)  # special tokens stripped
+
+
+def test_stream_yields_the_same_text_as_generate(generator):
+    streamed = "".join(generator.stream(PROMPTS[0], max_new_tokens=10)).strip()
+    assert streamed == generator.generate([PROMPTS[0]], max_new_tokens=10)[0]
+
+
+def test_missing_adapter_is_a_clear_error(base_generator, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        TransformersGenerator(base_generator, adapter_dir=tmp_path)
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    """A tiny /v1/chat/completions: answers with the user text upper-cased, records each request."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        payload = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": f" {user.upper()} "}}
+            ],
+        }
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def chat_server():
+    _ChatHandler.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_backend_keeps_order_and_decodes_greedily(chat_server, monkeypatch):
+    monkeypatch.setenv("RAGTUNE_TEST_KEY", "sk-test")
+    gen = load_generator(
+        {"backend": "openai", "base_url": chat_server, "model": "m", "api_key_env": "RAGTUNE_TEST_KEY",
+         "max_concurrency": 3, "system": "be brief"}
+    )
+    assert isinstance(gen, OpenAIGenerator)
+    texts = [f"question {i}" for i in range(7)]
+    assert gen.generate(texts, max_new_tokens=5) == [t.upper() for t in texts]
+    reqs = _ChatHandler.requests
+    assert len(reqs) == 7
+    assert all(r["path"] == "/v1/chat/completions" and r["temperature"] == 0 for r in reqs)
+    assert all(r["max_tokens"] == 5 and r["auth"] == "Bearer sk-test" for r in reqs)
+    assert reqs[0]["messages"][0] == {"role": "system", "content": "be brief"}
+
+
+def test_openai_backend_requires_the_named_key(monkeypatch):
+    monkeypatch.delenv("RAGTUNE_MISSING_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="RAGTUNE_MISSING_KEY"):
+        OpenAIGenerator("http://127.0.0.1:9/v1", "m", api_key_env="RAGTUNE_MISSING_KEY")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown generator backend"):
+        load_generator({"backend": "carrier-pigeon"})
