@@ -1,0 +1,32 @@
+"""router: fit the maths/reading router on train questions, measure it on held-out questions."""
+
+import json
+from pathlib import Path
+
+from ragtune.config import load_params
+from ragtune.io import write_json
+from ragtune.router import build_router, evaluate_router
+from ragtune.tracking import stage_run
+
+PREPARED = Path("data/prepared")
+OUT = Path("models/router")
+METRICS = Path("reports/router/metrics.json")
+
+
+def main() -> None:
+    params = load_params()
+    cfg, seed = params["router"], params["seed"]
+    with stage_run("router", {"router": cfg, "seed": seed}) as mlflow:
+        router, info = build_router(cfg, PREPARED, seed)
+        metrics = evaluate_router(router, PREPARED)
+        router.save(OUT, {"seed": seed, **info})
+        write_json(METRICS, metrics)
+        mlflow.log_metrics(
+            {"router.accuracy": metrics["accuracy"], "router.cross_language_accuracy": metrics["cross_language_accuracy"]}
+            | {f"router.{name}.accuracy": s["accuracy"] for name, s in metrics["sets"].items()}
+        )
+        print(json.dumps({k: v for k, v in metrics.items() if k != "errors"}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
