@@ -25,7 +25,7 @@ from typing import Any
 from ragtune.data import strip_calculator_notes
 from ragtune.io import DataError, iter_jsonl
 from ragtune.metrics import math_answer, normalize_number
-from ragtune.prompts import chat_messages, math_prompt
+from ragtune.prompts import alpaca_record, chat_messages, math_prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -496,8 +496,6 @@ class Distiller:
 
 def alpaca_rows(result: DistillResult) -> list[dict[str, str]]:
     """distilled_train.json: the prompt sft trains on and eval asks with, and the teacher's output."""
-    from ragtune.prompts import alpaca_record
-
     return [alpaca_record(math_prompt(item["question"]), output) for item, output in result.accepted]
 
 

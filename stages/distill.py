@@ -6,7 +6,15 @@ from pathlib import Path
 from ragtune.config import load_params
 from ragtune.data import seeded_sample
 from ragtune.io import write_json
-from ragtune.teacher import Distiller, ResponseCache, alpaca_rows, load_items, make_teacher, retry_policy
+from ragtune.teacher import (
+    Distiller,
+    ResponseCache,
+    TeacherConfigError,
+    alpaca_rows,
+    load_items,
+    make_teacher,
+    retry_policy,
+)
 from ragtune.tracking import stage_run
 
 SOURCE = Path("data/prepared/gsm8k_train.jsonl")
@@ -14,7 +22,13 @@ OUT = Path("data/distill")
 
 
 def main() -> None:
-    params = load_params()
+    try:
+        run(load_params())
+    except TeacherConfigError as err:  # a config problem, not a bug: one clear line, no traceback
+        raise SystemExit(f"distill: {err}") from None
+
+
+def run(params: dict) -> None:
     cfg, teacher_cfg, seed = params["distill"], params["teacher"], params["seed"]
     items = seeded_sample(load_items(SOURCE), cfg.get("max_items"), seed)
     teacher = make_teacher(teacher_cfg)  # fails here, before any output, when the API key is unset
@@ -41,7 +55,7 @@ def main() -> None:
         mlflow.log_metrics(scalars)
         for round_no, count in enumerate(stats["accepted_per_round"], start=1):
             mlflow.log_metric("accepted_in_round", count, step=round_no)
-        print(json.dumps({k: v for k, v in stats.items()}, ensure_ascii=False))
+        print(json.dumps(stats, ensure_ascii=False))
 
 
 if __name__ == "__main__":
