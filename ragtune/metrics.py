@@ -199,3 +199,60 @@ def math_example_scores(prediction: str, gold: str) -> dict[str, object]:
 def mean_scores(rows: list[dict], keys: list[str]) -> dict[str, float]:
     """Average each key over rows (0 when there are none)."""
     return {k: (sum(float(r[k]) for r in rows) / len(rows) if rows else 0.0) for k in keys}
+
+
+# --------------------------------------------------------------------------- retrieval (binary relevance)
+
+
+def first_relevant_rank(ranked: list[str], gold: set[str] | list[str], cutoff: int | None = None) -> int | None:
+    """1-based rank of the first gold id among `ranked[:cutoff]`, or None."""
+    gold = set(gold)
+    for rank, item in enumerate(ranked[:cutoff] if cutoff else ranked, start=1):
+        if item in gold:
+            return rank
+    return None
+
+
+def hit_at(ranked: list[str], gold: set[str] | list[str], k: int) -> float:
+    """1.0 if any gold id is in the top k, else 0.0."""
+    return 1.0 if first_relevant_rank(ranked, gold, k) else 0.0
+
+
+def reciprocal_rank(ranked: list[str], gold: set[str] | list[str], cutoff: int = 10) -> float:
+    rank = first_relevant_rank(ranked, gold, cutoff)
+    return 1.0 / rank if rank else 0.0
+
+
+def ndcg_at(ranked: list[str], gold: set[str] | list[str], cutoff: int = 10) -> float:
+    """nDCG@cutoff with binary gains: DCG = sum 1/log2(rank+1) over gold hits (each gold id counted
+    once), ideal DCG = all gold ids at the top."""
+    import math
+
+    gold = set(gold)
+    if not gold:
+        return 0.0
+    seen: set[str] = set()
+    dcg = 0.0
+    for rank, item in enumerate(ranked[:cutoff], start=1):
+        if item in gold and item not in seen:
+            seen.add(item)
+            dcg += 1.0 / math.log2(rank + 1)
+    ideal = sum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(gold), cutoff) + 1))
+    return dcg / ideal
+
+
+def retrieval_metrics(
+    ranked: list[list[str]], gold: list[list[str]], ks: tuple[int, ...] = (1, 3, 5), cutoff: int = 10
+) -> dict[str, float]:
+    """Means over queries of hit@k for each k, MRR@cutoff and nDCG@cutoff, plus `queries`.
+    `ranked[i]` is the retrieved ids for query i, best first; `gold[i]` its relevant ids."""
+    if len(ranked) != len(gold):
+        raise ValueError(f"{len(ranked)} rankings for {len(gold)} gold lists")
+    n = len(ranked)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"hit@{k}"] = sum(hit_at(r, g, k) for r, g in zip(ranked, gold)) / n if n else 0.0
+    out[f"mrr@{cutoff}"] = sum(reciprocal_rank(r, g, cutoff) for r, g in zip(ranked, gold)) / n if n else 0.0
+    out[f"ndcg@{cutoff}"] = sum(ndcg_at(r, g, cutoff) for r, g in zip(ranked, gold)) / n if n else 0.0
+    out["queries"] = n
+    return out

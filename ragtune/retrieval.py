@@ -1,15 +1,31 @@
-"""Retrieval over the knowledge base: BM25 for Chinese (bm25s + jieba)."""
+"""Retrieval over the knowledge base: BM25 for Chinese (bm25s + jieba), a dense retriever
+(sentence-transformers) and their reciprocal-rank fusion, behind one interface:
+
+    retriever.retrieve(query, k) -> [(chunk_id, score)], best first
+    retriever.retrieve_many(queries, k) -> one such list per query
+    retriever.save(folder); load_retriever(folder) -> the same retriever
+
+Every saved folder holds `retriever.json` naming its kind, so `load_retriever` needs nothing else.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
+from ragtune.io import DataError, iter_jsonl, require
+
 _PUNCT_OR_SPACE = re.compile(r"^[\s\W_]+$", re.UNICODE)
+MANIFEST = "retriever.json"
+Hits = list[tuple[str, float]]
 
 
 def tokenize_zh(text: str, stopwords: Iterable[str] = ()) -> list[str]:
@@ -26,8 +42,50 @@ def tokenize_zh(text: str, stopwords: Iterable[str] = ()) -> list[str]:
     return [t for t in jieba.lcut(text) if t.strip() and not _PUNCT_OR_SPACE.match(t) and t not in stop]
 
 
+class Retriever(Protocol):
+    chunk_ids: list[str]
+
+    def retrieve_many(self, queries: Sequence[str], k: int) -> list[Hits]: ...
+
+    def retrieve(self, query: str, k: int) -> Hits: ...
+
+    def save(self, folder: str | Path) -> None: ...
+
+
+def read_kb(path: str | Path) -> tuple[list[str], list[str]]:
+    """(chunk ids, texts) of a kb.jsonl; a record without either, or a repeated id, raises DataError."""
+    ids, texts, seen = [], [], set()
+    for lineno, record in iter_jsonl(path):
+        require(record, ("chunk_id", "text"), f"{path}:{lineno}")
+        if record["chunk_id"] in seen:
+            raise DataError(f"{path}:{lineno}: chunk_id '{record['chunk_id']}' repeated")
+        seen.add(record["chunk_id"])
+        ids.append(str(record["chunk_id"]))
+        texts.append(str(record["text"]))
+    if not ids:
+        raise DataError(f"{path}: no chunks")
+    return ids, texts
+
+
+def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def _read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path}: not found (not a saved retriever folder)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if kind and manifest.get("kind") != kind:
+        raise DataError(f"{path}: holds a '{manifest.get('kind')}' retriever, not '{kind}'")
+    return manifest
+
+
 class BM25Index:
-    """bm25s over jieba tokens; `retrieve(query, k)` returns [(chunk_id, score)], best first."""
+    """bm25s over jieba tokens. Chunks sharing no token with the query (score 0) are never returned."""
+
+    kind = "bm25"
 
     def __init__(self, chunk_ids: Sequence[str], texts: Sequence[str], stopwords: Iterable[str] = ()):
         import bm25s
@@ -37,16 +95,229 @@ class BM25Index:
         self.chunk_ids = list(chunk_ids)
         self.stopwords = list(stopwords)
         self._bm25 = bm25s.BM25()
-        self._bm25.index([tokenize_zh(t, self.stopwords) or [""] for t in texts], show_progress=False)
+        self._bm25.index([tokenize_zh(t, self.stopwords) for t in texts], show_progress=False)
 
-    def retrieve_many(self, queries: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    def retrieve_many(self, queries: Sequence[str], k: int) -> list[Hits]:
         k = min(k, len(self.chunk_ids))
-        tokens = [tokenize_zh(q, self.stopwords) or [""] for q in queries]
-        docs, scores = self._bm25.retrieve(tokens, k=k, show_progress=False)
-        return [
-            [(self.chunk_ids[int(d)], float(s)) for d, s in zip(row_docs, row_scores, strict=True)]
-            for row_docs, row_scores in zip(np.asarray(docs), np.asarray(scores), strict=True)
-        ]
+        results: list[Hits] = [[] for _ in queries]
+        vocab = self._bm25.vocab_dict
+        # Only tokens the corpus has can score; a query with none of them has no hits (bm25s
+        # would fail on an empty query).
+        tokens = [[t for t in tokenize_zh(q, self.stopwords) if t and t in vocab] for q in queries]
+        asked = [i for i, t in enumerate(tokens) if t]
+        if not asked or k <= 0:
+            return results
+        docs, scores = self._bm25.retrieve([tokens[i] for i in asked], k=k, show_progress=False)
+        for i, row_docs, row_scores in zip(asked, np.asarray(docs), np.asarray(scores), strict=True):
+            results[i] = [(self.chunk_ids[int(d)], float(s)) for d, s in zip(row_docs, row_scores, strict=True) if s > 0]
+        return results
 
-    def retrieve(self, query: str, k: int) -> list[tuple[str, float]]:
+    def retrieve(self, query: str, k: int) -> Hits:
         return self.retrieve_many([query], k)[0]
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self._bm25.save(str(folder / "bm25"), show_progress=False)
+        (folder / "chunk_ids.json").write_text(json.dumps(self.chunk_ids, ensure_ascii=False), encoding="utf-8")
+        _write_manifest(folder, {"kind": self.kind, "stopwords": self.stopwords, "chunks": len(self.chunk_ids)})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> BM25Index:
+        import bm25s
+
+        folder = Path(folder)
+        manifest = _read_manifest(folder, cls.kind)
+        index = cls.__new__(cls)
+        index.chunk_ids = json.loads((folder / "chunk_ids.json").read_text(encoding="utf-8"))
+        index.stopwords = list(manifest.get("stopwords") or [])
+        index._bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
+        return index
+
+
+def load_embedder(model: Any):
+    """A SentenceTransformer from a folder path, or `model` itself if it already is one."""
+    if isinstance(model, (str, Path)):
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(model), device="cpu", local_files_only=True)
+    return model
+
+
+class DenseIndex:
+    """Cosine similarity of normalised sentence-transformers embeddings; queries get `query_prompt`
+    prepended (bge's retrieval instruction), chunks are encoded as they are."""
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        chunk_ids: Sequence[str],
+        texts: Sequence[str],
+        model: Any,
+        query_prompt: str = "",
+        batch_size: int = 64,
+        embeddings: np.ndarray | None = None,
+    ):
+        if len(chunk_ids) != len(texts) and embeddings is None:
+            raise ValueError("chunk_ids and texts differ in length")
+        self.chunk_ids = list(chunk_ids)
+        self.model = load_embedder(model)
+        self.query_prompt = query_prompt or ""
+        self.batch_size = batch_size
+        if embeddings is None:
+            embeddings = self.encode(list(texts))
+        if len(embeddings) != len(self.chunk_ids):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(self.chunk_ids)} chunks")
+        self.embeddings = np.asarray(embeddings, dtype=np.float32)
+
+    def encode(self, texts: Sequence[str], prompt: str = "") -> np.ndarray:
+        return self.model.encode(
+            list(texts),
+            prompt=prompt or None,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+
+    def retrieve_many(self, queries: Sequence[str], k: int) -> list[Hits]:
+        k = min(k, len(self.chunk_ids))
+        if not queries or k <= 0:
+            return [[] for _ in queries]
+        scores = self.encode(queries, self.query_prompt) @ self.embeddings.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        results = []
+        for row, candidates in zip(scores, top, strict=True):
+            order = candidates[np.argsort(-row[candidates], kind="stable")]
+            results.append([(self.chunk_ids[int(i)], float(row[i])) for i in order])
+        return results
+
+    def retrieve(self, query: str, k: int) -> Hits:
+        return self.retrieve_many([query], k)[0]
+
+    def save(self, folder: str | Path, include_model: bool = True) -> None:
+        """Embeddings, chunk ids and (by default) a copy of the model, so the folder stands alone."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "embeddings.npy", self.embeddings)
+        (folder / "chunk_ids.json").write_text(json.dumps(self.chunk_ids, ensure_ascii=False), encoding="utf-8")
+        if include_model:
+            if (folder / "model").exists():
+                shutil.rmtree(folder / "model")
+            self.model.save(str(folder / "model"))
+        _write_manifest(
+            folder,
+            {
+                "kind": self.kind,
+                "query_prompt": self.query_prompt,
+                "model": "model" if include_model else None,
+                "dim": int(self.embeddings.shape[1]),
+                "chunks": len(self.chunk_ids),
+            },
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, model: Any = None) -> DenseIndex:
+        """`model` (a folder or SentenceTransformer) is needed only if the folder holds none."""
+        folder = Path(folder)
+        manifest = _read_manifest(folder, cls.kind)
+        if model is None:
+            if not manifest.get("model"):
+                raise DataError(f"{folder / MANIFEST}: no model saved with the index; pass model=")
+            model = folder / manifest["model"]
+        chunk_ids = json.loads((folder / "chunk_ids.json").read_text(encoding="utf-8"))
+        return cls(chunk_ids, [], model, manifest.get("query_prompt", ""), embeddings=np.load(folder / "embeddings.npy"))
+
+
+class HybridIndex:
+    """Reciprocal-rank fusion: score = sum over retrievers of weight / (rrf_k + rank), each retriever
+    asked for its top `candidates`."""
+
+    kind = "hybrid"
+
+    def __init__(
+        self,
+        retrievers: Sequence[Retriever],
+        weights: Sequence[float] | None = None,
+        rrf_k: int = 60,
+        candidates: int = 50,
+    ):
+        if not retrievers:
+            raise ValueError("a hybrid needs at least one retriever")
+        self.retrievers = list(retrievers)
+        self.weights = list(weights) if weights else [1.0] * len(self.retrievers)
+        if len(self.weights) != len(self.retrievers):
+            raise ValueError("one weight per retriever")
+        self.rrf_k = rrf_k
+        self.candidates = candidates
+        self.chunk_ids = self.retrievers[0].chunk_ids
+
+    def retrieve_many(self, queries: Sequence[str], k: int) -> list[Hits]:
+        depth = max(k, self.candidates)
+        per_retriever = [r.retrieve_many(queries, depth) for r in self.retrievers]
+        results = []
+        for i in range(len(queries)):
+            fused: dict[str, float] = {}
+            for weight, hits in zip(self.weights, per_retriever, strict=True):
+                for rank, (chunk_id, _) in enumerate(hits[i], start=1):
+                    fused[chunk_id] = fused.get(chunk_id, 0.0) + weight / (self.rrf_k + rank)
+            results.append(sorted(fused.items(), key=lambda item: -item[1])[:k])
+        return results
+
+    def retrieve(self, query: str, k: int) -> Hits:
+        return self.retrieve_many([query], k)[0]
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        parts = []
+        for i, retriever in enumerate(self.retrievers):
+            name = f"{i}_{retriever.kind}"
+            retriever.save(folder / name)
+            parts.append(name)
+        _write_manifest(
+            folder,
+            {"kind": self.kind, "parts": parts, "weights": self.weights, "rrf_k": self.rrf_k, "candidates": self.candidates},
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HybridIndex:
+        folder = Path(folder)
+        manifest = _read_manifest(folder, cls.kind)
+        parts = [load_retriever(folder / name) for name in manifest["parts"]]
+        return cls(parts, manifest["weights"], manifest["rrf_k"], manifest["candidates"])
+
+
+_KINDS = {cls.kind: cls for cls in (BM25Index, DenseIndex, HybridIndex)}
+
+
+def load_retriever(folder: str | Path) -> Retriever:
+    """Whatever retriever `save` wrote to `folder` (its retriever.json names the kind)."""
+    kind = _read_manifest(Path(folder)).get("kind")
+    if kind not in _KINDS:
+        raise DataError(f"{Path(folder) / MANIFEST}: unknown retriever kind '{kind}' (expected {sorted(_KINDS)})")
+    return _KINDS[kind].load(folder)
+
+
+def build_retriever(
+    kind: str,
+    chunk_ids: Sequence[str],
+    texts: Sequence[str],
+    retrieval_cfg: Mapping[str, Any] | None = None,
+    embedder: Any = None,
+    query_prompt: str = "",
+) -> Retriever:
+    """A retriever of `kind` (bm25, dense, hybrid) over the chunks, configured by the `retrieval`
+    params block (stopwords, rrf_k, candidates, batch_size); dense and hybrid need `embedder`."""
+    cfg = dict(retrieval_cfg or {})
+    if kind == "bm25":
+        return BM25Index(chunk_ids, texts, cfg.get("stopwords") or ())
+    if kind not in ("dense", "hybrid"):
+        raise ValueError(f"unknown retriever kind '{kind}' (expected bm25, dense or hybrid)")
+    if embedder is None:
+        raise ValueError(f"a {kind} retriever needs an embedder (folder or SentenceTransformer)")
+    dense = DenseIndex(chunk_ids, texts, embedder, query_prompt, batch_size=cfg.get("batch_size", 64))
+    if kind == "dense":
+        return dense
+    bm25 = BM25Index(chunk_ids, texts, cfg.get("stopwords") or ())
+    weights = [cfg.get("bm25_weight", 1.0), cfg.get("dense_weight", 1.0)]
+    return HybridIndex([bm25, dense], weights, cfg.get("rrf_k", 60), cfg.get("candidates", 50))
