@@ -1,0 +1,323 @@
+"""`ragtune serve`: a bundle behind an OpenAI-compatible API and a web chat page.
+
+    GET  /                      the web chat (route, retrieved passages, answer)
+    GET  /healthz               liveness and the bundle's digest
+    GET  /v1/models             the one model, "ragtune"
+    POST /v1/chat/completions   OpenAI chat completions, plain or streaming (SSE); the last user
+                                message is the question. Responses carry an extra `ragtune` object
+                                (route, sources, final_answer) that OpenAI clients ignore.
+
+Guards: binds 127.0.0.1 unless told otherwise; a bearer token when the environment variable named by
+`token_env` is set; request bodies and questions have size limits; at most `max_concurrent`
+generations run and at most `max_waiting` wait (beyond that: 429); every bad request gets a 4xx in
+OpenAI's error shape and the server keeps serving.
+
+`backend: vllm` starts `vllm serve <base> --enable-lora --lora-modules ragtune=<adapter>` and sends
+generation to it through the same OpenAI client the eval stage uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Request  # module level: the endpoints' annotations must resolve here
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ragtune.bundle import Bundle
+
+MODEL_ID = "ragtune"
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "transformers"  # or vllm
+    token_env: str | None = "RAGTUNE_API_TOKEN"
+    max_body_bytes: int = 64 * 1024
+    max_question_chars: int = 2000
+    max_concurrent: int = 2
+    max_waiting: int = 64
+    max_tokens_cap: int = 1024
+    vllm: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any] | None, **overrides: Any) -> ServeSettings:
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in (cfg or {}).items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- request schema
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # temperature, top_p, ...: accepted, decoding stays greedy
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1)
+    top_k: int | None = Field(default=None, ge=1, le=20, description="passages to retrieve (ragtune extension)")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(bundle: Bundle, settings: ServeSettings | None = None):
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+    settings = settings or ServeSettings()
+    app = FastAPI(title="ragtune", docs_url=None, redoc_url=None)
+    slots = asyncio.Semaphore(max(1, settings.max_concurrent))
+    queue = {"waiting": 0}
+    digest = bundle.manifest.get("digest", "")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, err: ApiError):
+        body = {"error": {"message": err.message, "type": err.kind, "code": err.code}}
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    def authorize(request: Request) -> None:
+        token = os.environ.get(settings.token_env or "") if settings.token_env else None
+        if not token:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+            raise ApiError(401, "missing or wrong bearer token", "authentication_error", "invalid_api_key",
+                           {"WWW-Authenticate": "Bearer"})
+
+    async def read_request(request: Request) -> ChatRequest:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ApiError(413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > settings.max_body_bytes:
+                raise ApiError(413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"request body is not JSON: {err}", code="invalid_json") from None
+        try:
+            return ChatRequest.model_validate(payload)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ApiError(400, f"{where}: {first['msg']}", code="invalid_request") from None
+
+    def question_of(req: ChatRequest) -> str:
+        if req.model not in (None, "", MODEL_ID):
+            raise ApiError(404, f"model '{req.model}' does not exist; this server has '{MODEL_ID}'", code="model_not_found")
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "messages: no user message to answer", code="no_question")
+        question = users[-1].text().strip()
+        if not question:
+            raise ApiError(400, "messages: the last user message is empty", code="no_question")
+        if len(question) > settings.max_question_chars:
+            raise ApiError(400, f"question over {settings.max_question_chars} characters", code="question_too_long")
+        return question
+
+    def token_budget(req: ChatRequest) -> int | None:
+        asked = req.max_completion_tokens or req.max_tokens
+        return min(asked, settings.max_tokens_cap) if asked else None
+
+    @contextlib.asynccontextmanager
+    async def generation_slot():
+        if queue["waiting"] >= settings.max_waiting:
+            raise ApiError(429, "too many requests waiting; retry shortly", "rate_limit_error", "busy", {"Retry-After": "2"})
+        queue["waiting"] += 1
+        try:
+            await slots.acquire()
+        finally:
+            queue["waiting"] -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+
+    def extras(result_or_prepared: Any) -> dict[str, Any]:
+        if isinstance(result_or_prepared, dict):
+            keys = ("route", "sources", "final_answer", "route_note")
+            return {k: result_or_prepared[k] for k in keys if k in result_or_prepared}
+        p = result_or_prepared
+        return {"route": p.route, "sources": p.sources} | ({"route_note": p.route_note} if p.route_note else {})
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": MODEL_ID, "bundle_digest": digest}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "ragtune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        req = await read_request(request)
+        question = question_of(req)
+        budget = token_budget(req)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        if not req.stream:
+            async with generation_slot():
+                result = await run_in_threadpool(bundle.answer, question, req.top_k, budget)
+            return {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                "ragtune": extras(result),
+            }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if extra is not None:
+                body["ragtune"] = extra
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        # Take the slot before answering 200, so that a full queue is a 429, not a broken stream.
+        slot = generation_slot()
+        await slot.__aenter__()
+
+        async def events():
+            try:
+                prepared = await run_in_threadpool(bundle.prepare, question, req.top_k, budget)
+                yield chunk({"role": "assistant", "content": ""}, extra=extras(prepared))
+                pieces: list[str] = []
+                async for piece in iterate_in_threadpool(bundle.stream(prepared)):
+                    pieces.append(piece)
+                    yield chunk({"content": piece})
+                result = bundle.finish(prepared, "".join(pieces).strip())
+                yield chunk({}, "stop", extras(result))
+                yield "data: [DONE]\n\n"
+            except Exception as err:  # headers are sent: report in-band, as OpenAI's streams do
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+            finally:
+                await slot.__aexit__(None, None, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.state.settings = settings
+    app.state.bundle = bundle
+    return app
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread; yields its base URL (port 0: any free port)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not (server.started and server.servers):
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def vllm_command(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None, host: str = "127.0.0.1",
+                 port: int = 8001, executable: str = "vllm", extra_args: list[str] | None = None) -> list[str]:
+    """The `vllm serve` command for a bundle: the base model plus the adapter as LoRA module `ragtune`."""
+    cmd = [executable, "serve", str(base_dir), "--host", host, "--port", str(port),
+           "--served-model-name", f"{MODEL_ID}-base"]
+    if adapter_dir is not None:
+        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
+        cmd += ["--enable-lora", "--lora-modules", f"{MODEL_ID}={adapter_dir}", "--max-lora-rank", str(rank)]
+    return cmd + list(extra_args or [])
+
+
+def vllm_model_name(adapter_dir: str | os.PathLike | None) -> str:
+    return MODEL_ID if adapter_dir is not None else f"{MODEL_ID}-base"
+
+
+def start_vllm(bundle_dir: str | os.PathLike, cfg: dict[str, Any]) -> tuple[subprocess.Popen, Any]:
+    """Start vLLM for a bundle and return (process, OpenAIGenerator talking to it)."""
+    import httpx
+
+    from ragtune.bundle import MANIFEST, resolve_base
+    from ragtune.inference import OpenAIGenerator
+    from ragtune.io import read_json
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_json(bundle_dir / MANIFEST)
+    base = resolve_base(bundle_dir, manifest)
+    adapter = bundle_dir / manifest["adapter"] if manifest.get("adapter") else None
+    host, port = cfg.get("host", "127.0.0.1"), int(cfg.get("port", 8001))
+    executable = cfg.get("executable", "vllm")
+    if not shutil.which(executable):
+        raise FileNotFoundError(f"'{executable}' not found: install vLLM (GPU) or use serve.backend=transformers")
+    proc = subprocess.Popen(vllm_command(base, adapter, host, port, executable, cfg.get("extra_args")))
+    url = f"http://{host}:{port}/v1"
+    deadline = time.time() + float(cfg.get("startup_timeout", 600))
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm exited with code {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return proc, OpenAIGenerator(url, vllm_model_name(adapter))
+        time.sleep(2)
+    proc.terminate()
+    raise TimeoutError(f"vllm did not answer on {url} within the startup timeout")

@@ -1,0 +1,43 @@
+"""A small bundle for the serve, browser and bundle tests: the real base generator, a 40-chunk
+knowledge base (short prompts) and a router fitted in a second on a sample of the train questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ragtune.bundle import build_bundle
+from ragtune.data import Report, load_cmrc, load_gsm8k, seeded_sample
+from ragtune.router import MATHS, READING, ClassifierRouter, synthetic_questions
+
+READING_QUESTION = "《战国无双3》是由哪两个公司合作开发的？"
+MATHS_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
+TINY_ANSWER = {"max_new_tokens_maths": 6, "max_new_tokens_reading": 6, "top_k": 3}
+
+
+def small_kb(mirror: Path, out: Path, articles: int = 12) -> Path:
+    rows = []
+    for article in load_cmrc(mirror / "cmrc2018" / "cmrc2018_dev.json", Report())[:articles]:
+        for i in range(0, min(len(article.context), 180), 60):
+            rows.append({"chunk_id": f"{article.id}-{i // 60}", "article_id": article.id, "title": article.title,
+                         "text": article.context[i : i + 60]})
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+def small_router(mirror: Path, out: Path) -> Path:
+    gsm = [r["question"] for r in load_gsm8k(mirror / "gsm8k" / "train.jsonl", "train")]
+    cmrc = [q.question for a in load_cmrc(mirror / "cmrc2018" / "cmrc2018_dev.json", Report()) for q in a.questions]
+    pairs = [(q, MATHS) for q in seeded_sample(gsm, 400, 0)] + [(q, READING) for q in seeded_sample(cmrc, 400, 0)]
+    ClassifierRouter.fit(pairs + synthetic_questions(200, seed=0), seed=0).save(out)
+    return out
+
+
+def build_small_bundle(mirror: Path, base_generator: Path, folder: Path, adapter: Path | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kb = small_kb(mirror, folder / "kb.jsonl")
+    router = small_router(mirror, folder / "router")
+    bundle = folder / "bundle"
+    build_bundle(bundle, kb, base_generator, router, adapter_dir=adapter, metrics_path=folder / "no-metrics.json",
+                 answer=TINY_ANSWER)
+    return bundle

@@ -1,0 +1,129 @@
+"""`ragtune serve` on loopback: the official openai client (plain and streaming), 20 concurrent
+requests, malformed requests answered 4xx while the server keeps serving, the bearer token, and
+the vLLM command the vllm backend runs."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from ragtune.bundle import Bundle
+from ragtune.serve import ServeSettings, create_app, serve_in_thread, vllm_command
+from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, build_small_bundle
+
+TOKEN_ENV = "RAGTUNE_TEST_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def bundle(mirror, base_generator, tmp_path_factory):
+    return Bundle.load(build_small_bundle(mirror, base_generator, tmp_path_factory.mktemp("serve")))
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    settings = ServeSettings(token_env=TOKEN_ENV, max_body_bytes=4096, max_question_chars=300, max_concurrent=2)
+    with serve_in_thread(create_app(bundle, settings)) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(server):
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, question, **kwargs):
+    return client.chat.completions.create(model="ragtune", messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def test_binds_loopback_by_default():
+    assert ServeSettings().host == "127.0.0.1"
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["ragtune"]
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["bundle_digest"]
+
+
+def test_openai_client_reading_answer_with_sources(client):
+    resp = ask(client, READING_QUESTION)
+    assert isinstance(resp.choices[0].message.content, str) and resp.choices[0].finish_reason == "stop"
+    extra = resp.model_extra["ragtune"]
+    assert extra["route"] == "reading"
+    assert 1 <= len(extra["sources"]) <= 3 and extra["sources"][0]["chunk_id"].startswith("DEV_0-")
+
+
+def test_openai_client_streaming_equals_plain(client):
+    plain = ask(client, MATHS_QUESTION)
+    chunks = list(ask(client, MATHS_QUESTION, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == plain.choices[0].message.content
+    extras = [c.model_extra.get("ragtune") for c in chunks if c.model_extra.get("ragtune")]
+    assert extras[0]["route"] == "maths" and extras[0]["sources"] == []
+    assert "final_answer" in extras[-1] and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_twenty_concurrent_requests_all_answered(client):
+    questions = [READING_QUESTION if i % 2 else MATHS_QUESTION for i in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda q: ask(client, q, max_tokens=1), questions))
+    routes = [r.model_extra["ragtune"]["route"] for r in responses]
+    assert routes == ["reading" if i % 2 else "maths" for i in range(20)]
+    assert all(isinstance(r.choices[0].message.content, str) for r in responses)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps({"model": "ragtune"}), 400, "invalid_request"),
+        (json.dumps({"messages": []}), 400, "invalid_request"),
+        (json.dumps({"messages": "hello"}), 400, "invalid_request"),
+        (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "invalid_request"),
+        (json.dumps({"messages": [{"role": "system", "content": "hi"}]}), 400, "no_question"),
+        (json.dumps({"messages": [{"role": "user", "content": "   "}]}), 400, "no_question"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 301}]}), 400, "question_too_long"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, "invalid_request"),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}), 413, "body_too_large"),
+    ],
+)
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, status, code):
+    resp = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["code"] == code
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_server_still_answers_after_bad_requests(server, client):
+    httpx.post(f"{server}/v1/chat/completions", content=b"\xff\xfe", headers={"Content-Type": "application/json"})
+    assert ask(client, MATHS_QUESTION, max_tokens=2).model_extra["ragtune"]["route"] == "maths"
+
+
+def test_bearer_token_when_configured(server, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    denied = httpx.get(f"{server}/v1/models")
+    assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(f"{server}/healthz").status_code == 200  # liveness stays open
+
+
+def test_web_chat_page_is_served(server):
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_vllm_command_serves_base_with_the_adapter_as_lora(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    cmd = vllm_command("models/base/generator", adapter, port=8011, extra_args=["--dtype", "float32"])
+    assert cmd[:3] == ["vllm", "serve", "models/base/generator"]
+    assert cmd[cmd.index("--lora-modules") + 1] == f"ragtune={adapter}"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8011"
+    assert cmd[-2:] == ["--dtype", "float32"]
+    assert "--enable-lora" not in vllm_command("base", None)
