@@ -166,7 +166,7 @@ class OpenAITeacher:
             if err.status_code >= 500 or err.status_code in (408, 409):
                 raise TransientError("server_error", f"HTTP {err.status_code}",
                                      retry_after_seconds(err.response.headers)) from None
-            raise CallFailed("rejected", f"HTTP {err.status_code}") from None
+            raise CallFailed("client_error", f"HTTP {err.status_code}") from None
         except (openai.APIResponseValidationError, ValueError) as err:  # JSONDecodeError is a ValueError
             raise TransientError("malformed", type(err).__name__) from None
         return _reply_from(response)

@@ -78,7 +78,7 @@ def test_faults_rounds_concurrency_and_a_rerun_that_calls_nothing(tmp_path, monk
     assert calls[q[7]] == 4 * (FAST_RETRY.max_retries + 1) and calls[q[6]] == 4 and calls[q[4]] == 3
     assert stats["calls"] == sum(calls.values())
     assert stats["errors"]["timeout"] == 1 and stats["errors"]["rate_limited"] == 1
-    assert stats["errors"]["malformed"] == 1 and stats["errors"]["rejected"] == 1
+    assert stats["errors"]["malformed"] == 1 and stats["errors"]["client_error"] == 1
     assert stats["errors"]["server_error"] == 2 + calls[q[7]]
     assert stats["rejected"] == {"no_think": 1, "wrong_answer": 2 + 4}
     rows = alpaca_rows(result)
