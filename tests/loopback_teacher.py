@@ -4,7 +4,6 @@
 `respond(request, call_no)` returns what to do for the n-th call (0-based) carrying the same user
 message: `Answer(...)`, `Status(429, retry_after=...)`, `Malformed()`, `Hang(seconds)`. The server
 records every call (user message, start/end time, action) and the peak number in flight.
-`model_responder(path)` answers with a real local causal LM (transformers generate).
 """
 
 from __future__ import annotations
@@ -173,33 +172,6 @@ class LoopbackTeacher:
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
         }
-
-
-def model_responder(model_dir: str, max_new_tokens: int = 48) -> Callable[[dict[str, Any], int], Action]:
-    """Answers from a real local causal LM (one generate at a time), in its own chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    lock = threading.Lock()
-
-    def respond(request: dict[str, Any], call_no: int) -> Action:
-        prompt = tokenizer.apply_chat_template(request["messages"], tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(prompt, return_tensors="pt")
-        temperature = float(request.get("temperature") or 0)
-        limit = min(int(request.get("max_tokens") or max_new_tokens), max_new_tokens)
-        with lock, torch.no_grad():
-            torch.manual_seed(call_no)
-            out = model.generate(
-                **inputs, max_new_tokens=limit, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-        return Answer(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-
-    return respond
 
 
 def by_question(script: dict[str, list[Action]]) -> Callable[[dict[str, Any], int], Action]:

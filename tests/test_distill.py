@@ -220,19 +220,24 @@ def test_kill_9_mid_round_then_rerun_repeats_no_answered_call(tmp_path, runner):
 
 
 @pytest.mark.slow
-def test_a_real_local_model_as_teacher(tmp_path, base_generator, monkeypatch):
-    """SmolLM2-135M behind a loopback OpenAI-compatible server: the loop completes, accepts what it gets right."""
-    from tests.loopback_teacher import model_responder
+def test_ragtune_serve_as_teacher(tmp_path, mirror, base_generator, monkeypatch):
+    """ragtune's own OpenAI-compatible server (the real base generator in a small bundle) as the teacher:
+    the loop completes and accepts whatever it gets right (a 135M model answering in 6 tokens: nothing)."""
+    from ragtune.bundle import Bundle
+    from ragtune.serve import MODEL_ID, ServeSettings, create_app, serve_in_thread
+    from tests.bundle_fixtures import build_small_bundle
 
-    items = make_items(2)
+    bundle = Bundle.load(build_small_bundle(mirror, base_generator, tmp_path / "bundle"))
+    items = make_items(3)
     monkeypatch.setenv(KEY_ENV, KEY)
-    with LoopbackTeacher(model_responder(str(base_generator), max_new_tokens=24)) as server:
-        teacher = make_teacher(teacher_cfg(server.base_url, timeout=120))
+    with serve_in_thread(create_app(bundle, ServeSettings())) as url:
+        cfg = teacher_cfg(f"{url}/v1", timeout=120) | {"model": MODEL_ID}
         with ResponseCache(tmp_path / "cache.jsonl") as cache:
-            result = Distiller(teacher, cache, max_rounds=2, concurrency=2, retry=FAST_RETRY, progress=False).run(items)
-        real_calls = len(server.calls)
+            result = Distiller(make_teacher(cfg), cache, max_rounds=2, concurrency=2, retry=FAST_RETRY,
+                               progress=False).run(items)
     stats = result.stats
-    assert stats["accepted"] + stats["left"] == 2 and len(result.left) == stats["left"]
-    assert stats["calls"] == real_calls >= 2 and stats["failed_calls"] == 0
+    assert stats["accepted"] + stats["left"] == 3 and len(result.left) == stats["left"]
+    assert stats["failed_calls"] == 0 and stats["errors"] == {}
+    assert stats["calls"] == 3 + stats["left"] and stats["cache_entries"] == stats["calls"]
     assert all(row["reason"] in ("no_think", "no_box", "wrong_answer", "conflicting_boxes") for row in result.left)
     assert stats["rounds"] == (1 if not result.left else 2)
