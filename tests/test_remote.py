@@ -1,0 +1,94 @@
+"""Sharing through a DVC remote: in a copy of the project, the package stage builds the bundle,
+`dvc push` sends what serving needs to a local-folder remote, and a fresh `git clone` + `dvc pull`
+serves answers with `ragtune serve` without any training."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.bundle_fixtures import READING_QUESTION, small_kb, small_router
+from tests.conftest import ROOT, copy_project, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_adapter(base, out):
+    """A real (untrained) LoRA adapter: stands in for sft's, so nothing is trained here."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
+    env = project_env(mirror)
+    project = copy_project(tmp_path / "project")
+    # Upstream outputs as the pipeline leaves them (copied, not rebuilt).
+    shutil.copytree(ROOT / "data" / "raw", project / "data" / "raw")
+    for model in ("generator", "embedder"):
+        shutil.copytree(ROOT / "models" / "base" / model, project / "models" / "base" / model)
+    (project / "data" / "prepared").mkdir(parents=True)
+    small_kb(mirror, project / "data" / "prepared" / "kb.jsonl")
+    small_router(mirror, project / "models" / "router")
+    (project / "reports" / "router").mkdir(parents=True)
+    (project / "reports" / "router" / "metrics.json").write_text('{"accuracy": null}\n')
+    (project / "reports" / "eval").mkdir(parents=True)
+    (project / "reports" / "eval" / "metrics.json").write_text('{"note": "remote round-trip test"}\n')
+    tiny_adapter(project / "models" / "base" / "generator", project / "models" / "sft" / "adapter")
+
+    dvc = [sys.executable, "-m", "dvc"]
+    run(dvc + ["config", "--local", "cache.type", "hardlink,copy"], project, env)
+    run(dvc + ["commit", "-f", "fetch"], project, env)
+    run(dvc + ["repro", "--single-item", "package"], project, env, timeout=600)
+    remote = tmp_path / "remote"
+    run(dvc + ["remote", "add", "-d", "storage", str(remote)], project, env)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(git + ["add", "dvc.lock", ".dvc/config", "dvc.yaml"], project, env)
+    run(git + ["commit", "-qm", "bundle and remote"], project, env)
+    run(dvc + ["push", "bundle", "models/base/generator"], project, env, timeout=600)
+
+    fresh = tmp_path / "fresh"
+    run(["git", "clone", "-q", str(project), str(fresh)], tmp_path, env)
+    assert not (fresh / "bundle").exists()
+    run(dvc + ["pull", "bundle", "models/base/generator"], fresh, env, timeout=600)
+    manifest = json.loads((fresh / "bundle" / "manifest.json").read_text())
+    assert manifest["adapter"] == "adapter" and manifest["metrics"] == {"note": "remote round-trip test"}
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ragtune.cli", "serve", "bundle", "--port", str(port), "--verify", "full"],
+        cwd=fresh, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(
+            model="ragtune", messages=[{"role": "user", "content": READING_QUESTION}], max_tokens=2
+        )
+        assert resp.model_extra["ragtune"]["route"] == "reading" and resp.model_extra["ragtune"]["sources"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
