@@ -1,0 +1,198 @@
+"""Contrastive fine-tune of the embedder on FlagEmbedding-format triples {query, pos[], neg[], prompt},
+with sentence-transformers' trainer (FlagEmbedding 1.4.2 does not import beside transformers 5),
+and the retrieval evaluation of BM25 and dense retrievers over the whole knowledge base.
+
+The loss is (Cached)MultipleNegativesRankingLoss: for each query, its positive against the other
+queries' positives and every hard negative in the batch (in-batch negatives) and its own hard
+negatives, softmax at `scale = 1 / temperature` — FlagEmbedding's objective with group size
+`1 + negatives`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ragtune.io import DataError, iter_jsonl
+from ragtune.metrics import retrieval_metrics
+
+# CJK ideographs (unified, extension A, compatibility): the characters an English vocabulary lacks.
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_triples(path: str | Path, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Validated FlagEmbedding records; `max_samples` keeps a seeded random subset."""
+    rows = []
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(record.get("query"), str) or not record["query"].strip():
+            raise DataError(f"{where}: 'query' must be a non-empty string")
+        for field in ("pos", "neg"):
+            value = record.get(field, [] if field == "neg" else None)
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise DataError(f"{where}: '{field}' must be a list of strings")
+        if not record["pos"]:
+            raise DataError(f"{where}: 'pos' is empty")
+        rows.append({"query": record["query"], "pos": record["pos"], "neg": record.get("neg", []),
+                     "prompt": record.get("prompt") or ""})
+    if not rows:
+        raise DataError(f"{path}: no training triples")
+    if max_samples and max_samples < len(rows):
+        rows = random.Random(seed).sample(rows, max_samples)
+    return rows
+
+
+def triples_dataset(rows: Sequence[Mapping[str, Any]], negatives: int, seed: int = 0):
+    """A datasets.Dataset (anchor, positive, negative_1..n) for MultipleNegativesRankingLoss: the
+    record's prompt prepended to the query, one positive and `negatives` hard negatives drawn with a
+    seed (rows with fewer negatives are topped up from other rows' negatives so columns stay full)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    pool = [n for r in rows for n in r["neg"]] or [p for r in rows for p in r["pos"]]
+    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+    for i in range(negatives):
+        columns[f"negative_{i + 1}"] = []
+    for row in rows:
+        positive = rng.choice(row["pos"])
+        negs = rng.sample(row["neg"], min(negatives, len(row["neg"])))
+        while len(negs) < negatives:
+            extra = rng.choice(pool)
+            if extra not in row["pos"]:
+                negs.append(extra)
+        columns["anchor"].append(row["prompt"] + row["query"])
+        columns["positive"].append(positive)
+        for i, text in enumerate(negs):
+            columns[f"negative_{i + 1}"].append(text)
+    return Dataset.from_dict(columns)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def unknown_fraction(model, texts: Sequence[str]) -> float:
+    """Share of the tokenizer's tokens over `texts` that are [UNK]."""
+    tokenizer = model.tokenizer
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    total = sum(len(x) for x in ids)
+    return sum(x.count(tokenizer.unk_token_id) for x in ids) / total if total else 0.0
+
+
+def extend_cjk_vocabulary(model, texts: Sequence[str], min_count: int = 2) -> int:
+    """Add every CJK character seen at least `min_count` times in `texts` that the tokenizer maps to
+    [UNK] as a token of its own, and grow the word embeddings to match. New rows start as the [UNK]
+    embedding, so the extended model encodes exactly like the base one until training moves them.
+    Returns the number of tokens added."""
+    import torch
+
+    tokenizer = model.tokenizer
+    counts: dict[str, int] = {}
+    for text in texts:
+        for char in _CJK.findall(text):
+            counts[char] = counts.get(char, 0) + 1
+    vocab = tokenizer.get_vocab()
+    missing = sorted(c for c, n in counts.items() if n >= min_count and c not in vocab)
+    if not missing:
+        return 0
+    added = tokenizer.add_tokens(missing)
+    encoder = model[0].auto_model
+    unk_row = encoder.get_input_embeddings().weight[tokenizer.unk_token_id].detach().clone()
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[-added:] = unk_row
+    return added
+
+
+# --------------------------------------------------------------------------- training
+
+
+def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], work_dir: str | Path,
+              seed: int = 42, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train `model` (a SentenceTransformer, changed in place) on the triples; returns a summary.
+
+    cfg keys: negatives, batch_size, epochs, max_steps, lr, warmup_ratio, weight_decay, temperature,
+    cached (CachedMNRL with mini_batch_size: large batches at the memory of small ones),
+    mini_batch_size, max_seq_length, logging_steps."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    model.max_seq_length = int(cfg["max_seq_length"])
+    dataset = triples_dataset(rows, int(cfg["negatives"]), seed)
+    scale = 1.0 / float(cfg["temperature"])
+    if cfg.get("cached"):
+        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=int(cfg["mini_batch_size"]))
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=scale)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=float(cfg["epochs"]),
+        max_steps=int(cfg.get("max_steps") or -1),
+        per_device_train_batch_size=int(cfg["batch_size"]),
+        learning_rate=float(cfg["lr"]),
+        warmup_steps=float(cfg.get("warmup_ratio", 0.1)),  # transformers 5: a float below 1 is a ratio
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        # Two copies of one text in a batch would be scored as each other's negatives.
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        logging_steps=int(cfg.get("logging_steps", 10)),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=list(callbacks)
+    )
+    start = time.time()
+    result = trainer.train()
+    return {
+        "train_loss": float(result.training_loss),
+        "steps": int(result.global_step),
+        "examples": len(dataset),
+        "seconds": round(time.time() - start, 1),
+        "log_history": trainer.state.log_history,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def load_retrieval_eval(path: str | Path, max_queries: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The retrieval eval questions (a seeded subset of `max_queries`). Blank questions (CMRC has a
+    few) are skipped: no retriever can answer them."""
+    rows = []
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get("query"), str) or not isinstance(record.get("gold_chunk_ids"), list):
+            raise DataError(f"{path}:{lineno}: needs a string 'query' and a list 'gold_chunk_ids'")
+        if not record["gold_chunk_ids"]:
+            raise DataError(f"{path}:{lineno}: 'gold_chunk_ids' is empty")
+        if record["query"].strip():
+            rows.append(record)
+    if max_queries and max_queries < len(rows):
+        rows = random.Random(seed).sample(rows, max_queries)
+    return rows
+
+
+def evaluate(retriever, eval_rows: Sequence[Mapping[str, Any]], cutoff: int = 10,
+             ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+    """retrieval_metrics of `retriever` on the eval questions, plus queries/s."""
+    start = time.time()
+    hits = retriever.retrieve_many([r["query"] for r in eval_rows], cutoff)
+    seconds = max(time.time() - start, 1e-9)
+    ranked = [[chunk_id for chunk_id, _ in h] for h in hits]
+    metrics = retrieval_metrics(ranked, [list(r["gold_chunk_ids"]) for r in eval_rows], tuple(ks), cutoff)
+    metrics["queries_per_s"] = round(len(eval_rows) / seconds, 1)
+    return metrics

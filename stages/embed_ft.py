@@ -1,0 +1,107 @@
+"""embed_ft: contrastive fine-tune of the embedder; retrieval metrics of BM25, base and tuned embedders."""
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from ragtune.config import load_params
+from ragtune.embedding import (
+    evaluate,
+    extend_cjk_vocabulary,
+    fine_tune,
+    load_retrieval_eval,
+    load_triples,
+    unknown_fraction,
+)
+from ragtune.io import atomic_dir, write_json
+from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, load_embedder, read_kb
+from ragtune.tracking import stage_run
+
+PREPARED = Path("data/prepared")
+BASE = Path("models/base/embedder")
+OUT = Path("models/embed_ft")
+METRICS = Path("reports/embed_ft/metrics.json")
+
+
+def select_kb(ids, texts, eval_rows, max_chunks, seed):
+    """The whole KB, or (max_chunks set) the eval questions' gold chunks plus a seeded sample of others."""
+    if not max_chunks or max_chunks >= len(ids):
+        return ids, texts
+    gold = {g for r in eval_rows for g in r["gold_chunk_ids"]}
+    others = [i for i, c in enumerate(ids) if c not in gold]
+    keep = {i for i, c in enumerate(ids) if c in gold}
+    keep |= set(random.Random(seed).sample(others, max(0, min(len(others), max_chunks - len(keep)))))
+    order = sorted(keep)
+    return [ids[i] for i in order], [texts[i] for i in order]
+
+
+def mlflow_name(name: str) -> str:
+    return name.replace("@", "_at_")
+
+
+def main() -> None:
+    params = load_params()
+    cfg, seed = params["embed_ft"], params["seed"]
+    query_prompt = params["embedder"].get("query_prompt") or ""
+    stopwords = params["retrieval"].get("stopwords") or ()
+    eval_cfg = cfg["eval"]
+    logged = {"seed": seed, "embed_ft": cfg, "embedder": {"query_prompt": query_prompt}}
+    with stage_run("embed_ft", logged) as mlflow:
+        start = time.time()
+        rows = load_triples(PREPARED / "embed_train.jsonl", cfg.get("max_samples"), seed)
+        eval_rows = load_retrieval_eval(PREPARED / "retrieval_eval.jsonl", eval_cfg.get("max_queries"), seed)
+        kb_ids, kb_texts = read_kb(PREPARED / "kb.jsonl")
+        kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, eval_cfg.get("max_chunks"), seed)
+        score = {"cutoff": eval_cfg["cutoff"], "ks": tuple(eval_cfg["ks"])}
+
+        bm25 = BM25Index(kb_ids, kb_texts, stopwords)
+        results = {"bm25": evaluate(bm25, eval_rows, **score)}
+
+        base_model = load_embedder(BASE)
+        base_model.max_seq_length = int(cfg["max_seq_length"])
+        unk_base = unknown_fraction(base_model, kb_texts[:500])
+        base_index = DenseIndex(kb_ids, kb_texts, base_model, query_prompt)
+        results["base"] = evaluate(base_index, eval_rows, **score)
+        del base_index, base_model
+
+        model = load_embedder(BASE)
+        added = 0
+        if cfg.get("extend_vocab"):
+            corpus = [r["query"] for r in rows] + [t for r in rows for t in r["pos"] + r["neg"]] + kb_texts
+            added = extend_cjk_vocabulary(model, corpus, int(cfg.get("vocab_min_count", 2)))
+        unk_tuned = unknown_fraction(model, kb_texts[:500])
+        with tempfile.TemporaryDirectory(prefix="embed_ft.") as work:
+            summary = fine_tune(model, rows, cfg, work, seed)
+        for entry in summary.pop("log_history"):
+            if "loss" in entry:
+                mlflow.log_metric("train_loss", float(entry["loss"]), step=int(entry["step"]))
+        tuned_index = DenseIndex(kb_ids, kb_texts, model, query_prompt)
+        results["tuned"] = evaluate(tuned_index, eval_rows, **score)
+        results["hybrid_bm25_tuned"] = evaluate(HybridIndex([bm25, tuned_index]), eval_rows, **score)
+
+        with atomic_dir(OUT) as tmp:
+            model.save(str(tmp))
+        report = {
+            **results,
+            "lift_hit@1": round(results["tuned"]["hit@1"] - results["base"]["hit@1"], 4),
+            "train": summary,
+            "vocab": {"added_cjk_tokens": added, "unk_fraction_base": round(unk_base, 4),
+                      "unk_fraction_tuned": round(unk_tuned, 4)},
+            "kb_chunks": len(kb_ids),
+            "eval_queries": len(eval_rows),
+            "seconds": round(time.time() - start, 1),
+        }
+        write_json(METRICS, report)
+        flat = {f"{name}.{mlflow_name(k)}": v for name, m in results.items() for k, v in m.items()}
+        flat |= {"lift_hit_at_1": report["lift_hit@1"], "train_seconds": summary["seconds"],
+                 "added_cjk_tokens": added, "unk_fraction_tuned": unk_tuned, "seconds": report["seconds"]}
+        mlflow.log_metrics(flat)
+        if cfg.get("log_model"):
+            # log_artifacts has no `name=` (that is log_model's); the folder lands under embed_ft_model/.
+            mlflow.log_artifacts(str(OUT), artifact_path="embed_ft_model")
+        print(json.dumps({k: v for k, v in report.items() if k != "train"} | {"train": summary}, ensure_ascii=False))
+
+if __name__ == "__main__":
+    main()
