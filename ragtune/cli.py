@@ -39,8 +39,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ragtune.serve import ServeSettings, create_app, start_vllm
 
     settings = ServeSettings.from_config(
-        _serve_config(), host=args.host, port=args.port, backend=args.backend, max_concurrent=args.max_concurrent
+        _serve_config(), host=args.host, port=args.port, backend=args.backend, max_concurrent=args.max_concurrent,
+        torch_threads=args.threads,
     )
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(int(settings.torch_threads))
     proc = None
     generator = None
     if settings.backend == "vllm":
@@ -134,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--backend", choices=("transformers", "vllm"))
-    serve.add_argument("--max-concurrent", type=int, help="generations at once")
+    serve.add_argument("--max-concurrent", type=int, help="streaming generations at once")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

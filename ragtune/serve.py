@@ -8,9 +8,10 @@
                                 (route, sources, final_answer) that OpenAI clients ignore.
 
 Guards: binds 127.0.0.1 unless told otherwise; a bearer token when the environment variable named by
-`token_env` is set; request bodies and questions have size limits; at most `max_concurrent`
-generations run and at most `max_waiting` wait (beyond that: 429); every bad request gets a 4xx in
-OpenAI's error shape and the server keeps serving.
+`token_env` is set; request bodies and questions have size limits; concurrent plain requests are
+answered together, up to `max_batch` per batched generate call, streams hold one of
+`max_concurrent` slots, and at most `max_waiting` requests wait (beyond that: 429); every bad
+request gets a 4xx in OpenAI's error shape and the server keeps serving.
 
 `backend: vllm` starts `vllm serve <base> --enable-lora --lora-modules ragtune=<adapter>` and sends
 generation to it through the same OpenAI client the eval stage uses.
@@ -52,7 +53,10 @@ class ServeSettings:
     max_question_chars: int = 2000
     max_concurrent: int = 2
     max_waiting: int = 64
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
     max_tokens_cap: int = 1024
+    torch_threads: int | None = None  # CPU threads for generation (1 is faster on a busy machine)
     vllm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -104,6 +108,55 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------- the app
 
 
+class Batcher:
+    """Answers concurrent plain requests together: waiting questions (up to `max_batch`, gathered
+    for at most `wait_s`) go to the generator as one batch per (top_k, token budget)."""
+
+    def __init__(self, bundle: Bundle, max_batch: int, wait_s: float):
+        self.bundle, self.max_batch, self.wait_s = bundle, max(1, max_batch), wait_s
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+
+    def pending(self) -> int:
+        return self.queue.qsize() if self.queue else 0
+
+    async def answer(self, question: str, top_k: int | None, budget: int | None) -> dict[str, Any]:
+        if self.worker is None or self.worker.done():
+            self.queue = self.queue or asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((question, top_k, budget, future))
+        return await future
+
+    async def _run(self) -> None:
+        from starlette.concurrency import run_in_threadpool
+
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(items) < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple, list] = {}
+            for item in items:
+                groups.setdefault((item[1], item[2]), []).append(item)
+            for (top_k, budget), group in groups.items():
+                try:
+                    results = await run_in_threadpool(self.bundle.answer_many, [g[0] for g in group], top_k, budget)
+                except Exception as err:  # every waiting request learns of it; the worker goes on
+                    for g in group:
+                        if not g[3].done():
+                            g[3].set_exception(err)
+                    continue
+                for g, result in zip(group, results, strict=True):
+                    if not g[3].done():
+                        g[3].set_result(result)
+
+
+
 def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -112,6 +165,7 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     app = FastAPI(title="ragtune", docs_url=None, redoc_url=None)
     slots = asyncio.Semaphore(max(1, settings.max_concurrent))
+    batcher = Batcher(bundle, settings.max_batch, settings.batch_wait_ms / 1000)
     queue = {"waiting": 0}
     digest = bundle.manifest.get("digest", "")
 
@@ -210,8 +264,10 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
         created = int(time.time())
 
         if not req.stream:
-            async with generation_slot():
-                result = await run_in_threadpool(bundle.answer, question, req.top_k, budget)
+            if batcher.pending() >= settings.max_waiting:
+                raise ApiError(429, "too many requests waiting; retry shortly", "rate_limit_error", "busy",
+                               {"Retry-After": "2"})
+            result = await batcher.answer(question, req.top_k, budget)
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
