@@ -99,3 +99,33 @@ def test_router_stage_metrics_if_built():
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n"] > 0 and metrics["accuracy"] >= 0.99
     assert metrics["cross_language_accuracy"] >= 0.95
+
+
+def test_llm_router_parses_strictly_against_a_loopback_model():
+    """router=llm against an OpenAI-compatible server on 127.0.0.1 that replies from a script."""
+    from fastapi import FastAPI, Request
+
+    from ragtune.router import LLM_ROUTER_SYSTEM, LLMRouter
+    from ragtune.serve import serve_in_thread
+
+    replies = {"q-maths": "maths", "q-reading": "Reading.", "q-chatty": "I think this is maths"}
+    seen = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        seen.append(body)
+        text = replies[body["messages"][-1]["content"]]
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+    with serve_in_thread(app) as url:
+        router = LLMRouter(f"{url}/v1", "judge")
+        assert router.route_many(["q-maths", "q-reading"]) == [MATHS, READING]
+        with pytest.raises(UnknownLabel):
+            router.route("q-chatty")
+        result = router_accuracy(router, [("q-maths", MATHS), ("q-chatty", MATHS)])
+        assert result["accuracy"] == 0.5 and result["errors"][0]["predicted"] == "unknown"
+    assert seen[0]["messages"][0] == {"role": "system", "content": LLM_ROUTER_SYSTEM}
+    assert seen[0]["temperature"] == 0.0
