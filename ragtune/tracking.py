@@ -6,7 +6,9 @@ import contextlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ragtune.config import repo_root
@@ -14,16 +16,28 @@ from ragtune.config import repo_root
 EXPERIMENT = "ragtune"
 # Keys whose values are never logged, whatever the config says.
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# Values that look like credentials, whatever their key is called.
+SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|Bearer\s)", re.IGNORECASE)
 
 
 def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the repo root's mlflow.db. The path is absolute and comes from
+    DVC_ROOT: under a queued `dvc exp run` the working copy is a temporary folder that disappears."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def artifact_root() -> str:
+    """Where new experiments keep artifacts: beside mlflow.db, never in the (temporary) working copy."""
+    return (repo_root() / "mlartifacts").as_uri()
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'sft': {'lr': 1}} -> {'sft.lr': 1}, dropping secret-looking keys."""
+    """{'sft': {'lr': 1}} -> {'sft.lr': 1}, dropping secret-looking keys and values.
+
+    Keys ending in `_env` name an environment variable (e.g. `api_key_env: OPENAI_API_KEY`), not
+    the secret itself, so they are kept."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
@@ -31,6 +45,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             continue
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, str) and SECRET_VALUE.match(value):
+            continue
         else:
             flat[name] = value
     return flat
@@ -46,21 +62,69 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _experiment_id(mlflow) -> str:
+    found = mlflow.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root())
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """Open the MLflow run for one stage; yields the `mlflow` module for logging inside it."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    experiment_id = _experiment_id(mlflow)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     tags = {"dvc.stage": stage, "dvc.exp_name": exp_name}
     if commit := _git_commit():
         tags["git.commit"] = commit
-    with mlflow.start_run(run_name=f"{exp_name}/{stage}", tags=tags):
+        tags["mlflow.source.git.commit"] = commit
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{exp_name}/{stage}", tags=tags):
         if params:
             flat = {k: ("" if v is None else str(v)[:500]) for k, v in flatten(params).items()}
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 mlflow.log_params(dict(items[i : i + 100]))
         yield mlflow
+
+
+def log_step_metrics(rows: Iterable[Mapping[str, Any]], step_key: str = "step") -> int:
+    """Log {step, name: value, ...} rows to the active run as metrics by step; None values are skipped."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(row[step_key]))
+        for row in rows
+        for key, value in row.items()
+        if key != step_key and value is not None
+    ]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(metrics), 1000):  # log_batch caps a call at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return len(metrics)
+
+
+def log_model_dir(local_dir: str | os.PathLike, name: str, model_type: str, params: Mapping[str, Any] | None = None):
+    """Log a saved model folder (e.g. a LoRA adapter) as an MLflow 3 LoggedModel `name`, linked to the
+    active run, so it shows under the run's Logged models and `mlflow.search_logged_models`."""
+    import mlflow
+
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    flat = {k: str(v)[:500] for k, v in flatten(params or {}).items()}
+    model = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run.info.run_id, params=flat or None, model_type=model_type
+    )
+    try:
+        client.log_model_artifacts(model.model_id, str(Path(local_dir)))
+    except Exception:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    return client.finalize_logged_model(model.model_id, "READY")

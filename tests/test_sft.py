@@ -1,0 +1,226 @@
+"""sft: answer-only labels, the data mix, the accelerate command, and the stage itself on a tiny
+slice (killed mid-run, resumed, loss down, adapter changes outputs, tracked in MLflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ragtune.config import compose
+from ragtune.io import DataError
+from ragtune.prompts import alpaca_record, alpaca_user_text, apply_chat_template, cmrc_prompt
+from ragtune.training import (
+    IGNORE_INDEX,
+    accelerate_command,
+    curve_rows,
+    encode_example,
+    mix_sources,
+    reset_if_stale,
+    split_validation,
+)
+from tests.conftest import ROOT, project_env
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_generator):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base_generator))
+
+
+def cmrc_records(n: int) -> list[dict]:
+    """Tiny CMRC-style records with one consistent pattern, so a few steps visibly learn it."""
+    colours = ["红色", "蓝色", "绿色", "黄色"]
+    return [
+        alpaca_record(
+            cmrc_prompt(f"第{i}号盒子是{colours[i % 4]}的，放在第{i + 3}层架子上。", f"第{i}号盒子是什么颜色？"),
+            colours[i % 4],
+        )
+        for i in range(n)
+    ]
+
+
+def test_prompt_tokens_are_masked_and_every_answer_token_is_learned(tokenizer):
+    record = cmrc_records(1)[0]
+    prompt_ids = tokenizer(apply_chat_template(tokenizer, alpaca_user_text(record)), add_special_tokens=False)[
+        "input_ids"
+    ]
+    feature = encode_example(tokenizer, record, cutoff_len=1024)
+    n = len(prompt_ids)
+    assert feature["input_ids"][:n] == prompt_ids  # the serving prompt, token for token
+    assert all(label == IGNORE_INDEX for label in feature["labels"][:n])
+    answer = feature["labels"][n:]
+    assert answer and all(label != IGNORE_INDEX for label in answer)
+    assert answer == feature["input_ids"][n:]
+    assert answer[-1] == tokenizer.eos_token_id  # the model learns to stop
+    assert tokenizer.decode(answer) == record["output"] + tokenizer.eos_token
+
+
+def test_cutoff_cuts_the_prompt_middle_never_the_answer(tokenizer):
+    record = alpaca_record(cmrc_prompt("很长的文段。" * 80, "问题是什么？"), "一个相当长的答案" * 4)
+    full = encode_example(tokenizer, record, cutoff_len=4096)
+    n_answer = sum(label != IGNORE_INDEX for label in full["labels"])
+    cut = encode_example(tokenizer, record, cutoff_len=n_answer + 64)
+    assert len(cut["input_ids"]) == n_answer + 64
+    assert cut["labels"][-n_answer:] == full["labels"][-n_answer:]  # the whole answer, EOS included
+    assert cut["input_ids"][:32] == full["input_ids"][:32]  # system turn and instruction start
+    assert cut["input_ids"][64 - 32 : 64] == full["input_ids"][-n_answer - 32 : -n_answer]  # question + header
+    assert encode_example(tokenizer, record, cutoff_len=n_answer + 4) is None  # no room for a prompt
+
+
+def test_mix_follows_the_weights_and_falls_back_to_cmrc_alone():
+    cmrc, distilled = cmrc_records(100), [alpaca_record(f"q{i}", f"a{i}") for i in range(100)]
+    mixed, counts = mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, 40, 1)
+    assert counts == {"cmrc": 30, "distilled": 10} and len(mixed) == 40
+    assert mixed == mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, 40, 1)[0]
+    short, counts = mix_sources({"cmrc": cmrc, "distilled": distilled[:3]}, {"cmrc": 0.5, "distilled": 0.5}, 40, 1)
+    assert counts == {"cmrc": 37, "distilled": 3} and len(short) == 40
+    alone, counts = mix_sources({"cmrc": cmrc, "distilled": []}, {"cmrc": 0.8, "distilled": 0.2}, 40, 1)
+    assert counts == {"cmrc": 40, "distilled": 0} and {r["source"] for r in alone} == {"cmrc"}
+    with pytest.raises(DataError):
+        mix_sources({"cmrc": [], "distilled": []}, {"cmrc": 1, "distilled": 1}, 10, 1)
+    train, val = split_validation(mixed, 0.1, 1)
+    assert len(val) == 4 and len(train) == 36 and not {id(r) for r in val} & {id(r) for r in train}
+
+
+def test_stale_checkpoints_are_discarded(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    reset_if_stale(ckpt, "settings-a")
+    (ckpt / "checkpoint-3").mkdir()
+    reset_if_stale(ckpt, "settings-a")
+    assert (ckpt / "checkpoint-3").exists()  # same settings: resumable
+    reset_if_stale(ckpt, "settings-b")
+    assert not (ckpt / "checkpoint-3").exists()  # e.g. after -S lr=1e-4: start afresh
+
+
+def test_accelerate_command_and_committed_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cmd = accelerate_command(ROOT / "conf/accelerate/multi_gpu.yaml", "stages/sft.py")
+    assert cmd == [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "conf/accelerate/multi_gpu.yaml"), "stages/sft.py",
+    ]  # fmt: skip
+    assert load_config_from_file(str(ROOT / "conf/accelerate/multi_gpu.yaml")).distributed_type == "MULTI_GPU"
+    zero2 = load_config_from_file(str(ROOT / "conf/accelerate/deepspeed_zero2.yaml"))
+    assert zero2.distributed_type == "DEEPSPEED" and zero2.deepspeed_config["zero_stage"] == 2
+    params = yaml.safe_load(compose(["sft.launcher=accelerate"], config_dir=ROOT / "conf"))
+    assert Path(ROOT / params["sft"]["accelerate_config"]).is_file()
+    with pytest.raises(FileNotFoundError):
+        accelerate_command("conf/accelerate/nope.yaml", "stages/sft.py")
+    # the launcher itself accepts the command line (no GPU needed to parse it)
+    help_text = subprocess.run(cmd[:3] + ["--help"], capture_output=True, text=True, timeout=120)
+    assert "--config_file" in help_text.stdout
+
+
+def test_curve_rows_merge_train_and_eval_logs():
+    history = [
+        {"loss": 2.0, "learning_rate": 1e-4, "step": 1},
+        {"loss": 1.5, "learning_rate": 2e-4, "step": 2},
+        {"eval_loss": 1.7, "step": 2},
+        {"train_runtime": 3.0, "step": 2},
+    ]
+    assert curve_rows(history) == [
+        {"step": 1, "loss": 2.0, "eval_loss": None, "lr": 1e-4},
+        {"step": 2, "loss": 1.5, "eval_loss": 1.7, "lr": 2e-4},
+    ]
+
+
+# --------------------------------------------------------------------------- the stage itself
+
+
+def stage_folder(tmp_path: Path, base_generator: Path) -> Path:
+    """A minimal project folder for stages/sft.py: base model, tiny CMRC set, no distilled set."""
+    work = tmp_path / "project"
+    (work / "models/base").mkdir(parents=True)
+    (work / "models/base/generator").symlink_to(base_generator)
+    (work / "data/prepared").mkdir(parents=True)
+    (work / "data/prepared/cmrc_sft_train.json").write_text(json.dumps(cmrc_records(10), ensure_ascii=False))
+    params = yaml.safe_load(compose(["profile=smoke"], config_dir=ROOT / "conf"))
+    params["lr"] = 2e-3
+    params["sft"].update(max_samples=10, val_size=2, cutoff_len=128, max_steps=8, batch_size=2, save_steps=2)
+    params["sft"]["eval_steps"] = 8
+    params["teacher"] = {"api_key": "sk-should-never-be-logged"}  # not an sft key: must not reach MLflow
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "dvc.yaml").write_text("stages: {}\n")  # marks the project root for the tracking URI
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+        cwd=work,
+        check=True,
+    )
+    return work
+
+
+@pytest.mark.slow
+def test_stage_resumes_after_kill_learns_and_is_tracked(tmp_path, base_generator):
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = stage_folder(tmp_path, base_generator)
+    db = f"sqlite:///{work / 'mlflow.db'}"
+    env = project_env(MLFLOW_TRACKING_URI=db, DVC_EXP_NAME="exp-under-test", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "stages/sft.py")]
+
+    first = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = work / "models/sft/checkpoints/checkpoint-2/trainer_state.json"
+    deadline = time.time() + 600
+    while not ckpt.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert ckpt.exists(), first.stderr.read().decode()[-3000:]
+    assert not (work / "models/sft/adapter").exists()  # nothing half-written
+
+    second = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout
+    assert "training on CMRC alone" in second.stdout
+    metrics = json.loads((work / "reports/sft/metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 2 and metrics["steps"] == 8
+    curves = (work / "reports/sft/curves.tsv").read_text().splitlines()
+    assert curves[0].split("\t") == ["step", "loss", "eval_loss", "lr"]
+    losses = [float(line.split("\t")[1]) for line in curves[1:] if line.split("\t")[1]]
+    assert len(losses) == 8  # steps before the kill come from the checkpoint's history
+    assert sum(losses[-2:]) < sum(losses[:2])  # loss goes down
+
+    adapter = work / "models/sft/adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in adapter.iterdir()}
+    tok = AutoTokenizer.from_pretrained(str(base_generator))
+    record = cmrc_records(3)[2]
+    inputs = tok(apply_chat_template(tok, alpaca_user_text(record)), return_tensors="pt", add_special_tokens=False)
+    base = AutoModelForCausalLM.from_pretrained(str(base_generator))
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        tuned = PeftModel.from_pretrained(base, str(adapter))
+        tuned_logits = tuned(**inputs).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-2
+
+    mlflow.set_tracking_uri(db)
+    runs = mlflow.search_runs(experiment_names=["ragtune"], filter_string="attributes.status = 'FINISHED'")
+    assert len(runs) == 1
+    run = mlflow.get_run(runs.iloc[0]["run_id"])
+    assert run.data.tags["dvc.stage"] == "sft"
+    assert run.data.tags["dvc.exp_name"] == "exp-under-test"
+    assert len(run.data.tags["git.commit"]) == 40
+    assert run.data.params["lr"] == "0.002" and run.data.params["model.lora_targets"] == "all-linear"
+    assert run.data.params["sft.lora.r"] == "16"
+    assert not any("sk-" in v or "api_key" in k for k, v in run.data.params.items())
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+    )
+    assert [m.name for m in models] == ["sft-adapter"]
+    files = {f.path for f in mlflow.MlflowClient().list_logged_model_artifacts(models[0].model_id)}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
