@@ -129,3 +129,13 @@ def test_llm_router_parses_strictly_against_a_loopback_model():
         assert result["accuracy"] == 0.5 and result["errors"][0]["predicted"] == "unknown"
     assert seen[0]["messages"][0] == {"role": "system", "content": LLM_ROUTER_SYSTEM}
     assert seen[0]["temperature"] == 0.0
+
+
+def test_cli_routes_with_a_saved_router(router_and_heldout, tmp_path, capsys):
+    from ragtune.cli import main
+
+    router, _ = router_and_heldout
+    router.save(tmp_path / "router")
+    assert main(["route", "--router", str(tmp_path / "router"), "一根绳子长18米，剪去三分之一，还剩几米？"]) == 0
+    assert main(["route", "--router", str(tmp_path / "router"), "Which", "museum", "holds", "the", "painting?"]) == 0
+    assert capsys.readouterr().out.split() == [MATHS, READING]
