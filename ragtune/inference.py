@@ -27,7 +27,8 @@ class TransformersGenerator:
     """In-process generation: batched greedy decoding with left padding.
 
     Prompts are sorted by token length before batching so that each batch holds little padding;
-    answers come back in the caller's order, decoded without special tokens and stripped.
+    answers come back in the caller's order, decoded without special tokens and stripped (also of
+    a half character left where the token budget ran out).
     """
 
     def __init__(
@@ -91,7 +92,8 @@ class TransformersGenerator:
                 out = self.model.generate(**enc, **self._generation_kwargs(max_new_tokens))
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             for i, text in zip(batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                answers[i] = text.strip()
+                # a token budget can end inside a multi-byte character: drop the undecodable tail
+                answers[i] = text.strip().rstrip("\ufffd").rstrip()
         return answers
 
     def stream(self, user_text: str, max_new_tokens: int) -> Iterator[str]:
