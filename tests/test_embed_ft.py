@@ -81,7 +81,6 @@ def test_vocabulary_extension_starts_equal_to_the_base(embedder):
     np.testing.assert_allclose(model.encode(texts, normalize_embeddings=True), before, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_few_steps_change_the_embeddings_and_the_model_reloads(tmp_path, embedder):
     model = load_embedder(embedder)
     extend_cjk_vocabulary(model, [t for r in TRIPLES for t in [r["query"], *r["pos"]]], min_count=1)
