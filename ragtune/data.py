@@ -136,6 +136,9 @@ def load_cmrc(path: str | os.PathLike, report: Report) -> list[Article]:
                 qid = str(_field(qa, "id", (str, int), q_where))
                 q_where = f"{path}: question {qid}"
                 question = _field(qa, "question", str, q_where)
+                if not question.strip():
+                    report.drops.append({"where": q_where, "reason": "empty_question"})
+                    continue
                 answers = []
                 for ans_idx, ans in enumerate(_field(qa, "answers", list, q_where)):
                     a_where = f"{q_where} answer {ans_idx}"

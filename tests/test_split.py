@@ -133,7 +133,7 @@ def test_wrong_answer_start_is_relocated_and_reported(tmp_path):
 
 
 def test_absent_and_empty_answers_are_dropped_and_reported(tmp_path):
-    qas = [("问一？", [("不存在", 0), ("甲乙", 0)]), ("问二？", [("", 0)]), ("问三？", [("无", -1)])]
+    qas = [("问一？", [("不存在", 0), ("甲乙", 0)]), ("问二？", [("", 0)]), ("问三？", [("无", -1)]), (" ", [("甲", 0)])]
     path = cmrc_file(tmp_path / "c.json", [article("A", "甲乙丙丁。", qas)])
     report = Report()
     (loaded,) = load_cmrc(path, report)
@@ -142,6 +142,7 @@ def test_absent_and_empty_answers_are_dropped_and_reported(tmp_path):
         "dropped_answer_not_in_context": 2,
         "dropped_empty_answer": 1,
         "dropped_question_without_answer": 2,
+        "dropped_empty_question": 1,
     }
 
 
