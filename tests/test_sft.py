@@ -224,3 +224,36 @@ def test_stage_resumes_after_kill_learns_and_is_tracked(tmp_path, base_generator
     assert [m.name for m in models] == ["sft-adapter"]
     files = {f.path for f in mlflow.MlflowClient().list_logged_model_artifacts(models[0].model_id)}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+
+
+# --------------------------------------------------------------------------- dvc exp run -S lr=1e-4
+
+LR_DEPENDENT = {"sft", "eval", "package"}
+LR_INDEPENDENT = {"fetch", "split", "distill", "embed_ft", "router"}
+
+
+def stages_run(output: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+@pytest.mark.slow
+def test_exp_run_lr_reruns_only_what_depends_on_lr(tmp_path, mirror):
+    """In a copy of the project (smoke sizes), `dvc exp run -S lr=1e-4` reruns sft and its consumers."""
+    import shutil
+
+    from tests.conftest import copy_project, run
+
+    stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    work = copy_project(tmp_path / "copy")
+    for built in ("data/raw", "data/prepared", "models/base"):  # fetch/split outputs: reused, not rebuilt
+        if (ROOT / built).exists():
+            shutil.copytree(ROOT / built, work / built, symlinks=True)
+    env = project_env(mirror, OMP_NUM_THREADS="1")
+    run(["dvc", "exp", "run", "-S", "profile=smoke"], work, env, timeout=3600)  # the baseline
+    second = run(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "lr=1e-4"], work, env, timeout=3600)
+    ran = stages_run(second.stdout + second.stderr)
+    assert ran == LR_DEPENDENT & stages, second.stdout[-3000:]
+    assert not ran & LR_INDEPENDENT
+    assert yaml.safe_load((work / "params.yaml").read_text())["lr"] == 1e-4
