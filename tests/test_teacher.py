@@ -60,10 +60,8 @@ def test_rationale_teacher_reshapes_gsm8k_without_calculator_notes():
     assert judge(output, GSM8K_ITEM["answer"]) == (True, "accepted")
 
 
-def test_rationale_teacher_output_is_accepted_for_the_prepared_train_set():
-    path = ROOT / "data" / "prepared" / "gsm8k_train.jsonl"
-    if not path.exists():
-        pytest.skip("data/prepared not built")
+def test_rationale_teacher_output_is_accepted_for_the_prepared_train_set(prepared_dir):
+    path = prepared_dir / "gsm8k_train.jsonl"
     teacher = RationaleTeacher({})
     items = seeded_sample(load_items(path), 500, seed=0)
     verdicts = [judge(teacher.answer(item), item["answer"]) for item in items]
