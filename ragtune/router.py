@@ -84,7 +84,8 @@ def cmrc_question(instruction: str, where: str) -> str:
     return instruction.rsplit(_CMRC_QUESTION_MARK, 1)[1].strip()
 
 
-def load_gsm8k_questions(path: str | os.PathLike) -> list[str]:
+def load_jsonl_questions(path: str | os.PathLike) -> list[str]:
+    """The `question` of every record of a JSONL file (gsm8k_*.jsonl, cmrc_eval.jsonl)."""
     questions = []
     for lineno, record in iter_jsonl(path):
         if not isinstance(record.get("question"), str):
@@ -98,15 +99,6 @@ def load_cmrc_sft_questions(path: str | os.PathLike) -> list[str]:
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of Alpaca records")
     return [cmrc_question(str(r.get("instruction", "")), f"{path}: record {i}") for i, r in enumerate(records)]
-
-
-def load_cmrc_eval_questions(path: str | os.PathLike) -> list[str]:
-    questions = []
-    for lineno, record in iter_jsonl(path):
-        if not isinstance(record.get("question"), str):
-            raise DataError(f"{path}:{lineno}: missing field 'question'")
-        questions.append(record["question"])
-    return questions
 
 
 # Template material for the shortcut-breaking examples, composed from parts (statements with numbers
@@ -174,7 +166,7 @@ def synthetic_questions(n_per_label: int, seed: int) -> list[tuple[str, str]]:
 def training_set(prepared_dir: str | os.PathLike, synthetic_per_label: int, seed: int) -> list[tuple[str, str]]:
     """Train questions labelled by where they come from, plus the shortcut-breaking examples."""
     prepared = Path(prepared_dir)
-    pairs = [(q, MATHS) for q in load_gsm8k_questions(prepared / "gsm8k_train.jsonl")]
+    pairs = [(q, MATHS) for q in load_jsonl_questions(prepared / "gsm8k_train.jsonl")]
     pairs += [(q, READING) for q in load_cmrc_sft_questions(prepared / "cmrc_sft_train.json")]
     pairs += synthetic_questions(synthetic_per_label, seed)
     return pairs
@@ -375,8 +367,8 @@ def heldout_sets(prepared_dir: str | os.PathLike) -> dict[str, list[tuple[str, s
     """Named held-out sets of (question, label): GSM8K test, CMRC trial, and the hand-written ones."""
     prepared = Path(prepared_dir)
     return {
-        "gsm8k_eval": [(q, MATHS) for q in load_gsm8k_questions(prepared / "gsm8k_eval.jsonl")],
-        "cmrc_eval": [(q, READING) for q in load_cmrc_eval_questions(prepared / "cmrc_eval.jsonl")],
+        "gsm8k_eval": [(q, MATHS) for q in load_jsonl_questions(prepared / "gsm8k_eval.jsonl")],
+        "cmrc_eval": [(q, READING) for q in load_jsonl_questions(prepared / "cmrc_eval.jsonl")],
         "handwritten_zh_maths": [(q, MATHS) for q in HANDWRITTEN_ZH_MATHS],
         "handwritten_en_reading": [(q, READING) for q in HANDWRITTEN_EN_READING],
     }
