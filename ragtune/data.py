@@ -318,9 +318,16 @@ def answer_window(context: str, start: int, length: int, size: int) -> str:
 
 
 def build_cmrc_records(
-    train: Sequence[Article], evaluation: Sequence[Article], size: int, overlap: int
+    train: Sequence[Article],
+    evaluation: Sequence[Article],
+    size: int,
+    overlap: int,
+    sft_context_chars: int | None = None,
 ) -> dict[str, Any]:
-    """KB chunks for all articles, SFT records for train, eval and retrieval-eval records for eval."""
+    """KB chunks for all articles, SFT records for train, eval and retrieval-eval records for eval.
+
+    SFT contexts are the gold chunk, or with `sft_context_chars` a window of that many characters
+    of it around the answer: fewer tokens per example, so more examples in the same training time."""
     kb: list[Chunk] = []
     chunks_of: dict[str, list[Chunk]] = {}
     for article in [*train, *evaluation]:
@@ -334,12 +341,19 @@ def build_cmrc_records(
             return golds[0].text, golds, True
         return answer_window(article.context, start, len(text), size), golds, False
 
-    sft, train_pairs, windows = [], [], 0
+    sft, train_pairs, windows, sft_chars = [], [], 0, 0
     for article in train:
         for q in article.questions:
             context, golds, in_chunk = context_for(article, q)
             windows += not in_chunk
-            sft.append(alpaca_record(cmrc_prompt(context, q.question), q.answers[0][0]))
+            text, start = q.answers[0]
+            if sft_context_chars and len(context) > sft_context_chars:
+                offset = start - golds[0].start  # where the answer is, when `context` is the gold chunk
+                if offset < 0 or context[offset : offset + len(text)] != text:
+                    offset = context.index(text)
+                context = answer_window(context, offset, len(text), sft_context_chars)
+            sft_chars += len(context)
+            sft.append(alpaca_record(cmrc_prompt(context, q.question), text))
             train_pairs.append((q, [g.chunk_id for g in golds], article.id))
 
     cmrc_eval, retrieval_eval = [], []
@@ -368,6 +382,7 @@ def build_cmrc_records(
         "cmrc_eval": cmrc_eval,
         "retrieval_eval": retrieval_eval,
         "answer_windows": windows,
+        "sft_context_chars_mean": round(sft_chars / max(1, len(sft)), 1),
     }
 
 
@@ -440,7 +455,9 @@ def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, 
         shown = "\n  ".join(leaks[:10])
         raise DataError(f"{len(leaks)} eval items leak into train (first {min(10, len(leaks))}):\n  {shown}")
 
-    records = build_cmrc_records(train, evaluation, split_cfg["chunk_size"], split_cfg["chunk_overlap"])
+    records = build_cmrc_records(
+        train, evaluation, split_cfg["chunk_size"], split_cfg["chunk_overlap"], split_cfg.get("sft_context_chars")
+    )
     triples = mine_hard_negatives(
         records["train_pairs"],
         records["kb"],
@@ -469,6 +486,7 @@ def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, 
             "eval_questions": len(records["cmrc_eval"]),
             "kb_chunks": len(kb),
             "contexts_from_answer_window": records["answer_windows"],
+            "sft_context_chars_mean": records["sft_context_chars_mean"],
             **report.counts(),
         },
         "gsm8k": {"train": len(gsm_train), "eval": len(gsm_eval)},

@@ -108,6 +108,22 @@ def test_outputs_have_the_contract_schema(tmp_path):
     assert stats["leak_check"]["passed"] and stats["cmrc"]["train_articles"] == 3
 
 
+def test_sft_context_window_holds_the_answer_and_leaves_eval_alone(tmp_path):
+    long_context = "前言很长很长。" * 4 + "答案就在这里：黄山。" + "后记也很长。" * 4
+    train = [*TRAIN_ARTICLES, article("T3", long_context, [("答案在哪里？", [("黄山", long_context.index("黄山"))])])]
+    cfg = SPLIT_CFG | {"chunk_size": 60, "chunk_overlap": 10}
+    whole, stats_whole = prepare(raw_dir(tmp_path, train=train), DATA_CFG, cfg, "", seed=1)
+    windowed, stats = prepare(raw_dir(tmp_path, train=train), DATA_CFG, cfg | {"sft_context_chars": 30}, "", seed=1)
+    context = windowed["cmrc_sft_train.json"][3]["instruction"].split("### 已知文段:")[1].split("\n\n### 问题:")[0]
+    assert len(context) == 30 and "黄山" in context and context in long_context
+    assert windowed["cmrc_sft_train.json"][3]["output"] == "黄山"
+    assert stats["cmrc"]["sft_context_chars_mean"] < stats_whole["cmrc"]["sft_context_chars_mean"]
+    # contexts already shorter than the window, eval contexts and the KB stay as they were
+    assert windowed["cmrc_sft_train.json"][:3] == whole["cmrc_sft_train.json"][:3]
+    for name in ("cmrc_eval.jsonl", "kb.jsonl", "retrieval_eval.jsonl", "embed_train.jsonl"):
+        assert windowed[name] == whole[name]
+
+
 def test_planted_context_leak_fails_naming_it(tmp_path):
     leaked = article("E9", TRAIN_ARTICLES[1]["paragraphs"][0]["context"], [("猫是什么动物呢？", [("哺乳动物", 5)])])
     with pytest.raises(DataError, match=r"(?s)leak into train.*E9: context also in train"):
