@@ -283,7 +283,7 @@ def train_lora(
     return {
         "log_history": history,
         "metrics": {
-            "train_loss": result.training_loss,
+            "train_loss": run_mean_loss(history),
             "first_loss": train_losses[0] if train_losses else None,
             "last_loss": train_losses[-1] if train_losses else None,
             "eval_loss": final_eval.get("eval_loss"),
@@ -298,9 +298,21 @@ def train_lora(
             "trainable_params": trainable,
             "total_params": total,
             "bf16": args.bf16,
-            "runtime_s": result.metrics.get("train_runtime"),
+            "runtime_s": result.metrics.get("train_runtime"),  # this invocation's, resumed steps excluded
         },
     }
+
+
+def run_mean_loss(log_history: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean training loss over the whole run, each logged loss weighted by the steps it covers.
+    Unlike the Trainer's `training_loss`, which only counts this invocation's steps, it stays right
+    after a resume (a run resumed from its final checkpoint would otherwise report 0)."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            covered = max(int(entry["step"]) - previous, 1)
+            total, steps, previous = total + entry["loss"] * covered, steps + covered, int(entry["step"])
+    return total / steps if steps else None
 
 
 def curve_rows(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

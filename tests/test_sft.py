@@ -24,6 +24,7 @@ from ragtune.training import (
     encode_example,
     mix_sources,
     reset_if_stale,
+    run_mean_loss,
     split_validation,
 )
 from tests.conftest import ROOT, project_env
@@ -134,6 +135,17 @@ def test_curve_rows_merge_train_and_eval_logs():
     ]
 
 
+def test_run_mean_loss_weights_each_log_by_its_steps_and_survives_a_resume():
+    history = [
+        {"loss": 3.0, "step": 2},  # covers steps 1-2
+        {"eval_loss": 9.0, "step": 2},
+        {"loss": 1.0, "step": 3},
+        {"loss": 2.0, "step": 6},  # covers steps 4-6
+    ]
+    assert run_mean_loss(history) == pytest.approx((3.0 * 2 + 1.0 + 2.0 * 3) / 6)
+    assert run_mean_loss([{"eval_loss": 1.0, "step": 1}]) is None
+
+
 # --------------------------------------------------------------------------- the stage itself
 
 
@@ -188,6 +200,7 @@ def test_stage_resumes_after_kill_learns_and_is_tracked(tmp_path, base_generator
     assert "training on CMRC alone" in second.stdout
     metrics = json.loads((work / "reports/sft/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 2 and metrics["steps"] == 8
+    assert metrics["train_loss"] > 0  # over all 8 steps, not only those after the resume
     curves = (work / "reports/sft/curves.tsv").read_text().splitlines()
     assert curves[0].split("\t") == ["step", "loss", "eval_loss", "lr"]
     losses = [float(line.split("\t")[1]) for line in curves[1:] if line.split("\t")[1]]
