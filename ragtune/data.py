@@ -104,7 +104,11 @@ def _nearest(context: str, text: str, start: int) -> int:
 
 
 def _check_answer(context: str, text: Any, start: Any, where: str, report: Report) -> tuple[str, int] | None:
-    if not isinstance(text, str) or not text.strip():
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field 'text' has the wrong type ({type(text).__name__})")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+        raise DataError(f"{where}: field 'answer_start' has the wrong type ({type(start).__name__})")
+    if not text or not text.strip():
         report.drops.append({"where": where, "reason": "empty_answer"})
         return None
     if isinstance(start, int) and context[start : start + len(text)] == text:
@@ -117,20 +121,28 @@ def _check_answer(context: str, text: Any, start: Any, where: str, report: Repor
     return text, found
 
 
-def load_cmrc(path: str | os.PathLike, report: Report) -> list[Article]:
-    """Parse a SQuAD-style CMRC2018 file, validating every record; bad structure raises DataError."""
+def load_cmrc(path: str | os.PathLike, report: Report, seen_ids: dict[str, str] | None = None) -> list[Article]:
+    """Parse a SQuAD-style CMRC2018 file, validating every record; bad structure raises DataError.
+    `seen_ids` (paragraph id -> where) carries the ids of files already loaded: ids key the KB's
+    chunks, so a repeated one would silently mix two passages."""
     path = Path(path)
+    seen_ids = {} if seen_ids is None else seen_ids
     root = read_json(path)
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise DataError(f"{path}: expected a JSON object with a 'data' list (SQuAD format)")
+    drops_before = len(report.drops)
     articles = []
     for a_idx, entry in enumerate(root["data"]):
         for p_idx, para in enumerate(_field(entry, "paragraphs", list, f"{path}: data[{a_idx}]")):
             where = f"{path}: data[{a_idx}].paragraphs[{p_idx}]"
             context = _field(para, "context", str, where)
-            article = Article(
-                id=str(_field(para, "id", (str, int), where)), title=str(entry.get("title", "")), context=context
-            )
+            if not context.strip():
+                raise DataError(f"{where}: empty 'context'")
+            article_id = str(_field(para, "id", (str, int), where))
+            if article_id in seen_ids:
+                raise DataError(f"{where}: paragraph id '{article_id}' repeats {seen_ids[article_id]}")
+            seen_ids[article_id] = where
+            article = Article(id=article_id, title=str(entry.get("title", "")), context=context)
             for q_idx, qa in enumerate(_field(para, "qas", list, where)):
                 q_where = f"{where}.qas[{q_idx}]"
                 qid = str(_field(qa, "id", (str, int), q_where))
@@ -152,6 +164,9 @@ def load_cmrc(path: str | os.PathLike, report: Report) -> list[Article]:
                     continue
                 article.questions.append(Question(id=qid, question=question.strip(), answers=answers))
             articles.append(article)
+    if not any(a.questions for a in articles):
+        dropped = len(report.drops) - drops_before
+        raise DataError(f"{path}: no usable question ({len(articles)} paragraphs, {dropped} questions or answers dropped)")
     return articles
 
 
@@ -168,6 +183,7 @@ def _field(record: Any, name: str, kind: type | tuple[type, ...], where: str) ->
 # --------------------------------------------------------------------------- GSM8K
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL = re.compile(r"-?\d[\d,]*(\.\d+)?")  # every final answer of GSM8K's train and test
 
 
 def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]:
@@ -175,11 +191,15 @@ def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]
     rows = []
     for lineno, rec in iter_jsonl(path):
         for name in ("question", "answer"):
-            if not isinstance(rec.get(name), str):
+            if rec.get(name) is None:
                 raise DataError(f"{path}:{lineno}: missing field '{name}'")
-        if "####" not in rec["answer"]:
-            raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line")
-        rationale, _, final = rec["answer"].rpartition("####")
+            if not isinstance(rec[name], str):
+                raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(rec[name]).__name__})")
+        if not rec["question"].strip():
+            raise DataError(f"{path}:{lineno}: empty 'question'")
+        rationale, marker, final = rec["answer"].rpartition("####")
+        if not marker or not _GSM8K_FINAL.fullmatch(final.strip()):
+            raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line (got {final.strip()[:40]!r})")
         rows.append(
             {
                 "id": f"gsm8k-{split_name}-{len(rows)}",
@@ -188,6 +208,8 @@ def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]
                 "answer": final.strip(),
             }
         )
+    if not rows:
+        raise DataError(f"{path}: no records")
     return rows
 
 
@@ -431,10 +453,10 @@ def mine_hard_negatives(
 def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any], query_prompt: str, seed: int):
     """Everything split writes, as {file name: rows}, plus its stats. Raises DataError on bad
     input or on a train/eval leak, before anything is written."""
-    report = Report()
-    train = [a for f in data_cfg["cmrc_train"] for a in load_cmrc(raw_dir / f, report)]
+    report, seen_ids = Report(), {}
+    train = [a for f in data_cfg["cmrc_train"] for a in load_cmrc(raw_dir / f, report, seen_ids)]
     if data_cfg.get("cmrc_eval"):
-        evaluation = [a for f in data_cfg["cmrc_eval"] for a in load_cmrc(raw_dir / f, report)]
+        evaluation = [a for f in data_cfg["cmrc_eval"] for a in load_cmrc(raw_dir / f, report, seen_ids)]
     else:
         train, evaluation = split_articles(train, data_cfg.get("cmrc_eval_fraction", 0.1), seed)
     gsm_train = load_gsm8k(raw_dir / data_cfg["gsm8k_train"], "train")

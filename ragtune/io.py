@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -42,18 +43,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.{kind}"))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    The old folder is moved aside before the new one moves in and deleted only after, so a crash
+    at any moment loses neither: the next call puts a set-aside folder back if `path` is missing
+    and clears temporary folders that a killed run left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old in _leftovers(path, "old"):
+        if not path.exists():
+            os.replace(old, path)
+        else:
+            shutil.rmtree(old)
+    for stale in _leftovers(path, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        aside = None
         if path.exists():
-            shutil.rmtree(path)
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, aside)  # onto the empty folder mkdtemp made
         os.replace(tmp, path)
+        if aside is not None:
+            shutil.rmtree(aside)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -90,11 +110,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-blank line; a bad line raises DataError naming it."""
     path = Path(path)
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     with fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:

@@ -185,6 +185,63 @@ def test_missing_field_names_the_record(tmp_path):
         load_gsm8k(jsonl, "train")
 
 
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda a: a["paragraphs"][0]["qas"][0]["answers"][0].update(text=42), r"A_Q0 answer 0: field 'text' has the wrong type \(int\)"),
+        (lambda a: a["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start="3"), r"A_Q0 answer 0: field 'answer_start' has the wrong type \(str\)"),
+        (lambda a: a["paragraphs"][0].update(context="  "), r"c.json: data\[0\].paragraphs\[0\]: empty 'context'"),
+    ],
+)
+def test_wrong_types_and_empty_context_are_errors_not_drops(tmp_path, change, error):
+    bad = article("A", "甲乙丙丁。", [("问？", [("甲", 0)])])
+    change(bad)
+    with pytest.raises(DataError, match=error):
+        load_cmrc(cmrc_file(tmp_path / "c.json", [bad]), Report())
+
+
+def test_repeated_paragraph_id_is_an_error_across_files(tmp_path):
+    path = cmrc_file(tmp_path / "c.json", [article("A", "甲乙丙丁。", [("问？", [("甲", 0)])])])
+    seen: dict[str, str] = {}
+    load_cmrc(path, Report(), seen)
+    with pytest.raises(DataError, match=r"paragraph id 'A' repeats .*c.json: data\[0\]"):
+        load_cmrc(path, Report(), seen)
+
+
+def test_a_file_without_usable_questions_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"empty.json: no usable question \(0 paragraphs"):
+        load_cmrc(cmrc_file(tmp_path / "empty.json", []), Report())
+    lost = cmrc_file(tmp_path / "lost.json", [article("A", "甲乙丙丁。", [("问？", [("戊", 0)])])])
+    with pytest.raises(DataError, match=r"lost.json: no usable question \(1 paragraphs, 2 questions or answers dropped"):
+        load_cmrc(lost, Report())
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('{"question": "a", "answer": "It is 12.\\n#### "}', r"g.jsonl:2: answer has no '#### <number>' line"),
+        ('{"question": "a", "answer": "#### twelve apples"}', r"g.jsonl:2: answer has no '#### <number>' line \(got 'twelve apples'\)"),
+        ('{"question": "  ", "answer": "#### 1"}', r"g.jsonl:2: empty 'question'"),
+        ('{"question": 7, "answer": "#### 1"}', r"g.jsonl:2: field 'question' has the wrong type \(int\)"),
+    ],
+)
+def test_gsm8k_lines_need_a_question_and_a_numeric_final_answer(tmp_path, line, error):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"question": "a", "answer": "#### 1,000"}\n' + line + "\n")
+    with pytest.raises(DataError, match=error):
+        load_gsm8k(path, "train")
+
+
+def test_gsm8k_empty_file_and_bad_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=r"g.jsonl: no records"):
+        load_gsm8k(path, "train")
+    path.write_bytes(b'{"question": "a", "answer": "#### 1"}\n{"question": "bad \xff", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=r"g.jsonl:2: not UTF-8 text"):
+        load_gsm8k(path, "train")
+
+
 def test_chunks_are_stable_bounded_and_cover_the_text():
     text = "第一句话在这里。" * 3 + "这是一个非常长的句子" * 6 + "。最后一句！"
     a = Article("DOC", "t", text)
