@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune import prompts
+from ragtune.inference import Completion
 from ragtune.io import DataError, atomic_dir, iter_jsonl, read_json, require, sha256_file
 from ragtune.metrics import math_answer
 from ragtune.router import MATHS, READING, UnknownLabel, load_router
@@ -265,8 +266,10 @@ class Bundle:
         return Prepared(question, route, prompts.cmrc_prompt(context, question),
                         int(max_new_tokens or self.settings["max_new_tokens_reading"]), sources, note)
 
-    def finish(self, prepared: Prepared, text: str) -> dict[str, Any]:
+    def finish(self, prepared: Prepared, text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         result = {"question": prepared.question, "route": prepared.route, "text": text, "sources": prepared.sources}
+        if usage:
+            result["usage"] = usage
         if prepared.route == MATHS:
             value, how = math_answer(text)
             result.update(answer=value if value is not None else text, final_answer=value, extraction=how)
@@ -279,23 +282,39 @@ class Bundle:
     def answer_many(self, questions: Sequence[str], top_k: int | None = None,
                     max_new_tokens: int | None = None) -> list[dict[str, Any]]:
         prepared = [self.prepare(q, top_k, max_new_tokens) for q in questions]
-        texts: list[str] = [""] * len(prepared)
+        done: list[Any] = [None] * len(prepared)
         # One batched call per token budget (maths and reading budgets differ).
         for budget in sorted({p.max_new_tokens for p in prepared}):
             idx = [i for i, p in enumerate(prepared) if p.max_new_tokens == budget]
-            for i, text in zip(idx, self.generator.generate([prepared[i].user_text for i in idx], budget), strict=True):
-                texts[i] = text
-        return [self.finish(p, t) for p, t in zip(prepared, texts, strict=True)]
+            texts = [prepared[i].user_text for i in idx]
+            if hasattr(self.generator, "generate_detailed"):
+                completions = self.generator.generate_detailed(texts, budget)
+            else:
+                completions = [Completion(t) for t in self.generator.generate(texts, budget)]
+            for i, completion in zip(idx, completions, strict=True):
+                done[i] = completion
+        return [self.finish(p, c.text, usage_of(c)) for p, c in zip(prepared, done, strict=True)]
 
     def answer(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
         return self.answer_many([question], top_k, max_new_tokens)[0]
 
-    def stream(self, prepared: Prepared) -> Iterator[str]:
-        """The generator's text for a prepared question, piece by piece."""
+    def stream(self, prepared: Prepared, cancel: Any = None, stats: dict[str, Any] | None = None) -> Iterator[str]:
+        """The generator's text for a prepared question, piece by piece; `cancel` (a threading.Event)
+        stops it early, `stats` receives token counts and the finish reason."""
         if hasattr(self.generator, "stream"):
-            yield from self.generator.stream(prepared.user_text, prepared.max_new_tokens)
+            yield from self.generator.stream(prepared.user_text, prepared.max_new_tokens, cancel=cancel, stats=stats)
         else:
             yield self.generator.generate([prepared.user_text], prepared.max_new_tokens)[0]
+
+
+def usage_of(completion: Completion) -> dict[str, Any]:
+    """OpenAI's usage object plus the finish reason, for a Completion."""
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "finish_reason": completion.finish_reason,
+    }
 
 
 def log_pyfunc_model(mlflow: Any, bundle_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,36 @@ from ragtune.prompts import apply_chat_template, chat_messages
 
 class Generator(Protocol):
     def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+
+@dataclass
+class Completion:
+    """One answer with what an OpenAI-style response reports about it."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "length" when the token budget cut it off
+
+
+def _clean(text: str) -> str:
+    # a token budget can end inside a multi-byte character: drop the undecodable tail
+    return text.strip().rstrip("\ufffd").rstrip()
+
+
+class _StreamWatch:
+    """A stopping criterion that counts decoding steps and stops when the consumer has gone."""
+
+    def __init__(self, cancel: threading.Event | None, eos_ids: set[int]):
+        self.cancel, self.eos_ids, self.steps, self.last_token = cancel, eos_ids, 0, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps += 1
+        self.last_token = int(input_ids[0, -1])
+        stop = self.cancel is not None and self.cancel.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersGenerator:
@@ -76,13 +107,22 @@ class TransformersGenerator:
             "pad_token_id": self.tokenizer.pad_token_id,
         }
 
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
     def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return [c.text for c in self.generate_detailed(user_texts, max_new_tokens)]
+
+    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int) -> list[Completion]:
         import torch
 
         prompts = [self.prompt(t) for t in user_texts]
         lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-        answers: list[str] = [""] * len(prompts)
+        eos_ids = self._eos_ids()
+        answers: list[Completion] = [Completion("")] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             enc = self.tokenizer(
@@ -91,36 +131,71 @@ class TransformersGenerator:
             with self._lock, torch.inference_mode():
                 out = self.model.generate(**enc, **self._generation_kwargs(max_new_tokens))
             new_tokens = out[:, enc["input_ids"].shape[1] :]
-            for i, text in zip(batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                # a token budget can end inside a multi-byte character: drop the undecodable tail
-                answers[i] = text.strip().rstrip("\ufffd").rstrip()
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for row, i, text in zip(new_tokens.tolist(), batch, texts, strict=True):
+                ended = next((n for n, token in enumerate(row, start=1) if token in eos_ids), None)
+                answers[i] = Completion(
+                    _clean(text),
+                    prompt_tokens=lengths[i],
+                    completion_tokens=ended or len(row),
+                    finish_reason="stop" if ended or len(row) < max_new_tokens else "length",
+                )
         return answers
 
-    def stream(self, user_text: str, max_new_tokens: int) -> Iterator[str]:
-        """Pieces of the answer as they are decoded (for the server's streaming responses)."""
+    def stream(
+        self,
+        user_text: str,
+        max_new_tokens: int,
+        cancel: threading.Event | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Pieces of the answer as they are decoded (for the server's streaming responses). Setting
+        `cancel` (the client went away) stops decoding at the next token; `stats` receives
+        prompt_tokens, completion_tokens and finish_reason at the end."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        eos_ids = self._eos_ids()
+        watch = _StreamWatch(cancel, eos_ids)
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
                 with self._lock, torch.inference_mode():
-                    self.model.generate(**enc, streamer=streamer, **self._generation_kwargs(max_new_tokens))
+                    if cancel is not None and cancel.is_set():  # gone while waiting for the model
+                        streamer.end()
+                        return
+                    self.model.generate(
+                        **enc,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([watch]),
+                        **self._generation_kwargs(max_new_tokens),
+                    )
             except BaseException as err:  # surfaced to the consumer below
                 errors.append(err)
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
+        held = ""  # one piece behind, so that a half character at the very end can be dropped
         for piece in streamer:
-            if piece:
-                yield piece
+            if held:
+                yield held
+            held = piece
+        if held.rstrip("\ufffd"):
+            yield held.rstrip("\ufffd")
         thread.join()
         if errors:
             raise errors[0]
+        if stats is not None:
+            stopped = watch.last_token in eos_ids or watch.steps < max_new_tokens
+            stats.update(
+                prompt_tokens=int(enc["input_ids"].shape[1]),
+                completion_tokens=watch.steps,
+                finish_reason="stop" if stopped else "length",
+            )
 
 
 class OpenAIGenerator:
@@ -148,20 +223,35 @@ class OpenAIGenerator:
         self.max_concurrency = max(1, int(max_concurrency))
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
-    def _one(self, user_text: str, max_new_tokens: int) -> str:
+    def _one(self, user_text: str, max_new_tokens: int) -> Completion:
         resp = self.client.chat.completions.create(
             model=self.model,
             messages=chat_messages(user_text, self.system),
             max_tokens=int(max_new_tokens),
             temperature=0.0,
         )
-        return (resp.choices[0].message.content or "").strip()
+        usage = resp.usage
+        return Completion(
+            (resp.choices[0].message.content or "").strip(),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=resp.choices[0].finish_reason or "stop",
+        )
 
     def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return [c.text for c in self.generate_detailed(user_texts, max_new_tokens)]
+
+    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(lambda t: self._one(t, max_new_tokens), user_texts))
 
-    def stream(self, user_text: str, max_new_tokens: int) -> Iterator[str]:
+    def stream(
+        self,
+        user_text: str,
+        max_new_tokens: int,
+        cancel: threading.Event | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
         chunks = self.client.chat.completions.create(
             model=self.model,
             messages=chat_messages(user_text, self.system),
@@ -169,9 +259,14 @@ class OpenAIGenerator:
             temperature=0.0,
             stream=True,
         )
-        for chunk in chunks:
-            if chunk.choices and (piece := chunk.choices[0].delta.content):
-                yield piece
+        with chunks:  # closing it drops the connection, so the server stops generating
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    return
+                if chunk.choices and chunk.choices[0].finish_reason and stats is not None:
+                    stats["finish_reason"] = chunk.choices[0].finish_reason
+                if chunk.choices and (piece := chunk.choices[0].delta.content):
+                    yield piece
 
 
 def load_generator(cfg: dict[str, Any]) -> TransformersGenerator | OpenAIGenerator:

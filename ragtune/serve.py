@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Request  # module level: the endpoints' annotations must resolve here
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from ragtune.bundle import Bundle
 
@@ -87,15 +87,25 @@ class Message(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool = False
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # temperature, top_p, ...: accepted, decoding stays greedy
+    # Other OpenAI fields are accepted and ignored. Sampling settings are checked against OpenAI's
+    # ranges, but decoding stays greedy.
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
-    top_k: int | None = Field(default=None, ge=1, le=20, description="passages to retrieve (ragtune extension)")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=1, le=20, description="passages to retrieve (ragtune extension)")
 
 
 class ApiError(Exception):
@@ -106,6 +116,11 @@ class ApiError(Exception):
 
 
 # --------------------------------------------------------------------------- the app
+
+
+def usage_object(counts: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = int(counts.get("prompt_tokens", 0)), int(counts.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class Batcher:
@@ -160,6 +175,7 @@ class Batcher:
 def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
     settings = settings or ServeSettings()
@@ -173,6 +189,13 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     async def api_error(_request, err: ApiError):
         body = {"error": {"message": err.message, "type": err.kind, "code": err.code}}
         return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):  # unknown path, wrong method
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "code": codes.get(err.status_code)}}
+        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
     def authorize(request: Request) -> None:
         token = os.environ.get(settings.token_env or "") if settings.token_env else None
@@ -196,8 +219,12 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"request body is not JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
         try:
             return ChatRequest.model_validate(payload)
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", code="invalid_request") from None
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -241,7 +268,7 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
         p = result_or_prepared
         return {"route": p.route, "sources": p.sources} | ({"route_note": p.route_note} if p.route_note else {})
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -249,10 +276,19 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     async def healthz():
         return {"status": "ok", "model": MODEL_ID, "bundle_digest": digest}
 
+    model_card = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "ragtune"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "ragtune"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        if model_id != MODEL_ID:
+            raise ApiError(404, f"model '{model_id}' does not exist; this server has '{MODEL_ID}'", code="model_not_found")
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -268,11 +304,13 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
                 raise ApiError(429, "too many requests waiting; retry shortly", "rate_limit_error", "busy",
                                {"Retry-After": "2"})
             result = await batcher.answer(question, req.top_k, budget)
+            usage = dict(result.get("usage") or {})
+            finish = usage.pop("finish_reason", "stop")
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                             "finish_reason": finish}],
+                "usage": usage_object(usage),
                 "ragtune": extras(result),
             }
 
@@ -287,20 +325,29 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
         slot = generation_slot()
         await slot.__aenter__()
 
+        cancel = threading.Event()  # set when the client goes away: generation stops at the next token
+
         async def events():
             try:
                 prepared = await run_in_threadpool(bundle.prepare, question, req.top_k, budget)
                 yield chunk({"role": "assistant", "content": ""}, extra=extras(prepared))
                 pieces: list[str] = []
-                async for piece in iterate_in_threadpool(bundle.stream(prepared)):
+                stats: dict[str, Any] = {}
+                async for piece in iterate_in_threadpool(bundle.stream(prepared, cancel, stats)):
                     pieces.append(piece)
                     yield chunk({"content": piece})
+                finish = stats.pop("finish_reason", "stop")
                 result = bundle.finish(prepared, "".join(pieces).strip())
-                yield chunk({}, "stop", extras(result))
+                yield chunk({}, finish, extras(result))
+                if req.stream_options and req.stream_options.include_usage:
+                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": MODEL_ID, "choices": [], "usage": usage_object(stats)}
+                    yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
             except Exception as err:  # headers are sent: report in-band, as OpenAI's streams do
                 yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
             finally:
+                cancel.set()
                 await slot.__aexit__(None, None, None)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

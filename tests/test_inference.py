@@ -33,6 +33,27 @@ def test_stream_yields_the_same_text_as_generate(generator):
     assert streamed == generator.generate([PROMPTS[0]], max_new_tokens=10)[0]
 
 
+def test_detailed_generation_counts_tokens_and_says_why_it_stopped(generator):
+    cut = generator.generate_detailed(PROMPTS, max_new_tokens=3)
+    assert [c.finish_reason for c in cut] == ["length"] * len(PROMPTS)
+    assert all(c.completion_tokens == 3 and c.prompt_tokens > 10 for c in cut)
+    room = generator.generate_detailed(["Say hi"], max_new_tokens=200)[0]
+    assert room.finish_reason == "stop" and room.completion_tokens < 200  # it ended with <|im_end|>
+    stats: dict = {}
+    "".join(generator.stream("Say hi", max_new_tokens=200, stats=stats))
+    assert stats == {"prompt_tokens": room.prompt_tokens, "completion_tokens": room.completion_tokens, "finish_reason": "stop"}
+
+
+def test_a_cancelled_stream_stops_at_the_next_token(generator):
+    cancel = threading.Event()
+    stats: dict = {}
+    pieces = generator.stream("Count from 1 to 500.", max_new_tokens=400, cancel=cancel, stats=stats)
+    next(pieces)
+    cancel.set()
+    list(pieces)
+    assert stats["completion_tokens"] < 50
+
+
 def test_missing_adapter_is_a_clear_error(base_generator, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         TransformersGenerator(base_generator, adapter_dir=tmp_path)

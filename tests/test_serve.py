@@ -49,7 +49,9 @@ def test_models_and_health(server, client):
 
 def test_openai_client_reading_answer_with_sources(client):
     resp = ask(client, READING_QUESTION)
-    assert isinstance(resp.choices[0].message.content, str) and resp.choices[0].finish_reason == "stop"
+    assert isinstance(resp.choices[0].message.content, str) and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     extra = resp.model_extra["ragtune"]
     assert extra["route"] == "reading"
     assert 1 <= len(extra["sources"]) <= 3 and extra["sources"][0]["chunk_id"].startswith("DEV_0-")
@@ -57,12 +59,35 @@ def test_openai_client_reading_answer_with_sources(client):
 
 def test_openai_client_streaming_equals_plain(client):
     plain = ask(client, MATHS_QUESTION)
-    chunks = list(ask(client, MATHS_QUESTION, stream=True))
+    chunks = list(ask(client, MATHS_QUESTION, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == plain.choices[0].message.content
     extras = [c.model_extra.get("ragtune") for c in chunks if c.model_extra.get("ragtune")]
     assert extras[0]["route"] == "maths" and extras[0]["sources"] == []
-    assert "final_answer" in extras[-1] and chunks[-1].choices[0].finish_reason == "stop"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert "final_answer" in extras[-1] and finals[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage  # include_usage: a last usage chunk
+
+
+def test_a_cut_off_answer_says_length_and_counts_its_tokens(client):
+    for resp in (ask(client, READING_QUESTION, max_tokens=2), ask(client, "2+2?", max_tokens=5)):
+        assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens in (2, 5)
+        assert "\ufffd" not in resp.choices[0].message.content
+    chunks = list(ask(client, "2+2?", max_tokens=5, stream=True))
+    assert "\ufffd" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_a_client_leaving_a_stream_stops_its_generation(server, client):
+    import time
+
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": MATHS_QUESTION}], "max_tokens": 1000, "stream": True}) as resp:
+        next(resp.iter_lines())  # the first event, then hang up
+    started = time.monotonic()
+    assert ask(client, "2+2?", max_tokens=2).choices[0].finish_reason == "length"
+    # 1,000 abandoned tokens take minutes on CPU; a stopped generation frees the model at once
+    assert time.monotonic() - started < 30
 
 
 def test_twenty_concurrent_requests_all_answered(client):
@@ -90,6 +115,11 @@ def test_twenty_concurrent_requests_all_answered(client):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, "invalid_request"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}), 413, "body_too_large"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}), 400, "invalid_request"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}), 400, "invalid_request"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), 400, "invalid_request"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}), 400, "invalid_request"),
+        (b"[" * 1500 + b"]" * 1500, 400, "invalid_json"),  # deep enough to exhaust Python's recursion
     ],
 )
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, status, code):
@@ -97,6 +127,16 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, s
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["code"] == code
     assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_unknown_paths_and_methods_get_openai_shaped_errors(server, client):
+    for method, path, status in (("GET", "/v1/chat/completions", 405), ("POST", "/v1/completions", 404),
+                                 ("DELETE", "/v1/models", 405)):
+        resp = httpx.request(method, f"{server}{path}")
+        assert resp.status_code == status and path in resp.json()["error"]["message"]
+    assert httpx.head(f"{server}/").status_code == 200
+    assert client.models.retrieve("ragtune").id == "ragtune"
+    assert httpx.get(f"{server}/v1/models/gpt-9").json()["error"]["code"] == "model_not_found"
 
 
 def test_server_still_answers_after_bad_requests(server, client):
