@@ -3,9 +3,10 @@ or `reading` (answered from retrieved passages).
 
 The default router is character n-grams + logistic regression fitted on the training questions.
 GSM8K is English and CMRC Chinese, so a classifier fitted on those alone learns the language, not
-the intent; seeded template-generated Chinese maths word problems and English passage questions are
-added to the training set to break that shortcut, and a hand-written held-out set (Chinese maths,
-English reading, phrased unlike the templates) measures whether it worked.
+the intent; seeded template-generated Chinese maths word problems, bare calculations in both
+languages and English passage questions are added to the training set to break that shortcut, and
+hand-written held-out sets (Chinese maths, English reading, short calculations; phrased unlike the
+templates) measure whether it worked.
 
 `router=llm` asks an OpenAI-compatible model with a strict label prompt. A label the router does not
 recognise raises `UnknownLabel`: it never silently becomes `maths`.
@@ -143,10 +144,36 @@ _EN_TOPICS = ["the author", "the company", "the emperor", "the river", "the fest
               "the newspaper", "the church", "the general", "the protagonist", "the kingdom", "the castle"]
 
 
+# Bare calculations, in both languages: GSM8K and the word problems above are long, so without these
+# a short "What is 15 plus 27?" looks more like a passage question than like maths.
+_ARITH_OPS = [("+", ["plus", "added to"], ["加", "加上"]), ("-", ["minus", "take away"], ["减", "减去"]),
+              ("*", ["times", "multiplied by"], ["乘", "乘以"]), ("/", ["divided by", "over"], ["除以"])]
+_EN_ARITH = ["What is {a} {w} {b}?", "what's {a} {w} {b}", "How much is {a} {w} {b}?", "Calculate {a} {s} {b}.",
+             "{a} {s} {b} = ?", "{a}{s}{b}?", "{a} {s} {b} {s2} {c}", "Compute {a} {s} {b} {s2} {c}.",
+             "What is {d}% of {b}?", "What is the square root of {sq}?", "Solve for x: {d}x + {a} = {b}",
+             "Evaluate ({a} {s} {b}) {s2} {c}.", "What do you get if you add {a} and {b}?",
+             "What is {a} squared?", "Find the sum of {a}, {b} and {c}."]
+_ZH_ARITH = ["{a}{zw}{b}等于多少？", "{a}{zw}{b}是多少", "{a}{s}{b}=？", "{a}{s}{b}等于几？", "计算：{a}{s}{b}{s2}{c}",
+             "{a}{s}{b}{s2}{c}=", "{b}的百分之{d}是多少？", "{sq}的平方根是多少？", "解方程：{d}x+{a}={b}",
+             "求{a}、{b}和{c}的和。", "{a}的平方是多少？", "({a}{s}{b}){s2}{c}等于多少？", "算一算{a}{s}{b}"]
+
+
+def arithmetic_questions(n: int, rng: random.Random) -> list[tuple[str, str]]:
+    out = []
+    for i in range(n):
+        (s, words, zh_words), (s2, _, _) = rng.choice(_ARITH_OPS), rng.choice(_ARITH_OPS)
+        fill = dict(s=s, s2=s2, w=rng.choice(words), zw=rng.choice(zh_words), a=rng.randint(1, 999),
+                    b=rng.randint(1, 999), c=rng.randint(1, 99), d=rng.randint(2, 95), sq=rng.randint(2, 40) ** 2)
+        template = rng.choice(_EN_ARITH if i % 2 else _ZH_ARITH)
+        out.append((template.format(**fill), MATHS))
+    return out
+
+
 def synthetic_questions(n_per_label: int, seed: int) -> list[tuple[str, str]]:
-    """Seeded (question, label) pairs: Chinese maths word problems and English passage questions."""
+    """Seeded (question, label) pairs: Chinese maths word problems, bare calculations in both
+    languages, and English passage questions."""
     rng = random.Random(seed)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = arithmetic_questions(n_per_label // 2, random.Random(seed + 1))
     for _ in range(n_per_label):
         item, unit = rng.choice(_ZH_ITEMS)
         n, n2 = rng.sample(_ZH_NAMES, 2)
@@ -363,6 +390,15 @@ HANDWRITTEN_EN_READING = [
 ]
 
 
+HANDWRITTEN_ARITHMETIC = [
+    "What is 15 plus 27?", "What is 12 times 7?", "2+2?", "How many is 100 minus 37?", "Add 48 and 56.",
+    "Is 91 a prime number?", "What is half of 350?", "Multiply 23 by 19.", "Divide 144 by 12, please.",
+    "What's 3/4 plus 1/8?", "What is 7 cubed?", "Round 3.14159 to two decimal places.",
+    "25乘4是多少？", "100减去37等于几？", "7的3次方是多少？", "一百除以四等于多少？", "3/4加1/8等于多少？",
+    "48和56的和是多少？", "请算出125×8。", "36的平方根是几？", "15%的200是多少？", "1+1=？",
+]
+
+
 def heldout_sets(prepared_dir: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
     """Named held-out sets of (question, label): GSM8K test, CMRC trial, and the hand-written ones."""
     prepared = Path(prepared_dir)
@@ -371,6 +407,7 @@ def heldout_sets(prepared_dir: str | os.PathLike) -> dict[str, list[tuple[str, s
         "cmrc_eval": [(q, READING) for q in load_jsonl_questions(prepared / "cmrc_eval.jsonl")],
         "handwritten_zh_maths": [(q, MATHS) for q in HANDWRITTEN_ZH_MATHS],
         "handwritten_en_reading": [(q, READING) for q in HANDWRITTEN_EN_READING],
+        "handwritten_arithmetic": [(q, MATHS) for q in HANDWRITTEN_ARITHMETIC],
     }
 
 

@@ -9,6 +9,7 @@ from ragtune.data import Report, load_cmrc, load_gsm8k, seeded_sample
 from ragtune.io import DataError
 from ragtune.prompts import cmrc_prompt
 from ragtune.router import (
+    HANDWRITTEN_ARITHMETIC,
     HANDWRITTEN_EN_READING,
     HANDWRITTEN_ZH_MATHS,
     MATHS,
@@ -43,12 +44,13 @@ def test_synthetic_questions_are_seeded_and_cross_language():
     assert first == again and first != synthetic_questions(50, seed=8)
     maths = [q for q, label in first if label == MATHS]
     reading = [q for q, label in first if label == READING]
-    assert len(maths) == len(reading) == 50
-    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in q) for q in maths)  # Chinese maths
+    assert len(maths) == 50 + 25 and len(reading) == 50  # word problems + bare calculations
+    chinese = [q for q in maths if any("\u4e00" <= ch <= "\u9fff" for ch in q)]
+    assert len(chinese) >= 50 and any(q.isascii() for q in maths)  # Chinese maths, English calculations
     assert all(q.isascii() for q in reading)  # English reading
-    # The held-out set is hand-written: none of it is template output.
+    # The held-out sets are hand-written: none of them is template output.
     generated = {q for q, _ in synthetic_questions(600, seed=42)}
-    assert not generated & set(HANDWRITTEN_ZH_MATHS + HANDWRITTEN_EN_READING)
+    assert not generated & set(HANDWRITTEN_ZH_MATHS + HANDWRITTEN_EN_READING + HANDWRITTEN_ARITHMETIC)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,12 @@ def test_routes_by_intent_not_language(router_and_heldout):
     router, _ = router_and_heldout
     result = router_accuracy(router, [(q, MATHS) for q in HANDWRITTEN_ZH_MATHS] + [(q, READING) for q in HANDWRITTEN_EN_READING])
     assert result["accuracy"] >= 0.95, result["errors"]
+
+
+def test_short_calculations_are_maths_in_both_languages(router_and_heldout):
+    router, _ = router_and_heldout
+    result = router_accuracy(router, [(q, MATHS) for q in HANDWRITTEN_ARITHMETIC])
+    assert result["accuracy"] >= 0.85, result["errors"]
 
 
 def test_heldout_accuracy(router_and_heldout):
