@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ragtune.data
+import ragtune.prompts
+import ragtune.training
 from ragtune.config import load_params
 from ragtune.io import atomic_dir, write_json
 from ragtune.tracking import log_model_dir, log_step_metrics, stage_run
@@ -51,7 +54,10 @@ def main() -> None:
     print(f"sft: {len(train)} train / {len(val)} val records, from {counts}", flush=True)
 
     settings = {"sft": cfg, "lr": lr, "seed": seed, "lora_targets": targets}
-    fp = fingerprint(settings, [BASE / "model.safetensors", CMRC, DISTILLED])
+    # The code that shapes training is part of what a checkpoint was made from: after a change
+    # to it, DVC reruns sft and resuming an old run's final checkpoint would skip the new code.
+    code = [Path(__file__), *(Path(m.__file__) for m in (ragtune.training, ragtune.prompts, ragtune.data))]
+    fp = fingerprint(settings, [BASE / "model.safetensors", CMRC, DISTILLED, *code])
     if not is_main:  # other accelerate processes train alongside; the main one writes and logs
         train_lora(BASE, train, val, cfg, lr, seed, targets, CHECKPOINTS, None, fp)
         return
