@@ -283,9 +283,10 @@ class Bundle:
                     max_new_tokens: int | None = None) -> list[dict[str, Any]]:
         prepared = [self.prepare(q, top_k, max_new_tokens) for q in questions]
         done: list[Any] = [None] * len(prepared)
-        # One batched call per token budget (maths and reading budgets differ).
-        for budget in sorted({p.max_new_tokens for p in prepared}):
-            idx = [i for i, p in enumerate(prepared) if p.max_new_tokens == budget]
+        # One batched call per route and token budget: short maths prompts never wait in a batch
+        # padded to a reading prompt's three passages.
+        for route, budget in sorted({(p.route, p.max_new_tokens) for p in prepared}):
+            idx = [i for i, p in enumerate(prepared) if (p.route, p.max_new_tokens) == (route, budget)]
             texts = [prepared[i].user_text for i in idx]
             if hasattr(self.generator, "generate_detailed"):
                 completions = self.generator.generate_detailed(texts, budget)

@@ -10,6 +10,7 @@ Greedy by default: sampled outputs (the seed used temperature 0.6) cannot be rep
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +35,12 @@ class Completion:
     finish_reason: str = "stop"  # "length" when the token budget cut it off
 
 
+_RAGGED_END = re.compile(r"[\s\ufffd]+$")
+
+
 def _clean(text: str) -> str:
-    # a token budget can end inside a multi-byte character: drop the undecodable tail
-    return text.strip().rstrip("\ufffd").rstrip()
+    # a token budget can end inside a multi-byte character: drop the undecodable tail too
+    return _RAGGED_END.sub("", text.strip())
 
 
 class _StreamWatch:
@@ -179,13 +183,18 @@ class TransformersGenerator:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        held = ""  # one piece behind, so that a half character at the very end can be dropped
+        # Hold back leading whitespace and any whitespace or half character at the current end, so
+        # the streamed text adds up to exactly what `generate` returns (`_clean`).
+        pending, started = "", False
         for piece in streamer:
-            if held:
-                yield held
-            held = piece
-        if held.rstrip("\ufffd"):
-            yield held.rstrip("\ufffd")
+            pending += piece
+            if not started:
+                pending = pending.lstrip()
+                started = bool(pending)
+            ready = len(_RAGGED_END.sub("", pending))
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
         thread.join()
         if errors:
             raise errors[0]

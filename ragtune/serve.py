@@ -201,8 +201,8 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
         token = os.environ.get(settings.token_env or "") if settings.token_env else None
         if not token:
             return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):
             raise ApiError(401, "missing or wrong bearer token", "authentication_error", "invalid_api_key",
                            {"WWW-Authenticate": "Bearer"})
 
@@ -272,13 +272,13 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok", "model": MODEL_ID, "bundle_digest": digest}
 
     model_card = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "ragtune"}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [model_card]}

@@ -38,6 +38,23 @@ def test_answers_by_route(bundle):
     assert reading["sources"][0]["chunk_id"].startswith("DEV_0-") and reading["answer"] == reading["text"]
 
 
+def test_maths_and_reading_never_share_a_generate_call(bundle_dir):
+    class Recorder:  # a generator that notes each batch it is given
+        def __init__(self):
+            self.batches = []
+
+        def generate(self, user_texts, max_new_tokens):
+            self.batches.append(len(user_texts))
+            return ["42"] * len(user_texts)
+
+    recorder = Recorder()
+    answers = Bundle.load(bundle_dir, generator=recorder).answer_many(
+        [MATHS_QUESTION, READING_QUESTION, MATHS_QUESTION], max_new_tokens=4
+    )
+    assert sorted(recorder.batches) == [1, 2]  # one call per route, even with one shared budget
+    assert [a["route"] for a in answers] == ["maths", "reading", "maths"] and answers[1]["usage"]["finish_reason"] == "stop"
+
+
 def test_unknown_router_label_is_never_maths(bundle, monkeypatch):
     from ragtune.router import UnknownLabel
 

@@ -134,7 +134,7 @@ def test_unknown_paths_and_methods_get_openai_shaped_errors(server, client):
                                  ("DELETE", "/v1/models", 405)):
         resp = httpx.request(method, f"{server}{path}")
         assert resp.status_code == status and path in resp.json()["error"]["message"]
-    assert httpx.head(f"{server}/").status_code == 200
+    assert all(httpx.head(f"{server}{path}").status_code == 200 for path in ("/", "/healthz", "/v1/models"))
     assert client.models.retrieve("ragtune").id == "ragtune"
     assert httpx.get(f"{server}/v1/models/gpt-9").json()["error"]["code"] == "model_not_found"
 
@@ -150,6 +150,7 @@ def test_bearer_token_when_configured(server, monkeypatch):
     assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
     assert httpx.get(f"{server}/healthz").status_code == 200  # liveness stays open
 
 
