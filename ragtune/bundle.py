@@ -309,11 +309,10 @@ class Bundle:
 
 
 def usage_of(completion: Completion) -> dict[str, Any]:
-    """OpenAI's usage object plus the finish reason, for a Completion."""
+    """Token counts and finish reason of a Completion: the same keys a stream's `stats` receives."""
     return {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
         "finish_reason": completion.finish_reason,
     }
 

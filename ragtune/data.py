@@ -190,20 +190,16 @@ def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]
     """GSM8K JSONL -> {id, question, rationale, answer}; the answer is the text after '####'."""
     rows = []
     for lineno, rec in iter_jsonl(path):
-        for name in ("question", "answer"):
-            if rec.get(name) is None:
-                raise DataError(f"{path}:{lineno}: missing field '{name}'")
-            if not isinstance(rec[name], str):
-                raise DataError(f"{path}:{lineno}: field '{name}' has the wrong type ({type(rec[name]).__name__})")
-        if not rec["question"].strip():
+        question, answer = (_field(rec, name, str, f"{path}:{lineno}") for name in ("question", "answer"))
+        if not question.strip():
             raise DataError(f"{path}:{lineno}: empty 'question'")
-        rationale, marker, final = rec["answer"].rpartition("####")
+        rationale, marker, final = answer.rpartition("####")
         if not marker or not _GSM8K_FINAL.fullmatch(final.strip()):
             raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line (got {final.strip()[:40]!r})")
         rows.append(
             {
                 "id": f"gsm8k-{split_name}-{len(rows)}",
-                "question": rec["question"].strip(),
+                "question": question.strip(),
                 "rationale": rationale.strip(),
                 "answer": final.strip(),
             }

@@ -43,11 +43,15 @@ def _clean(text: str) -> str:
     return _RAGGED_END.sub("", text.strip())
 
 
+def _finish_reason(hit_eos: bool, new_tokens: int, max_new_tokens: int) -> str:
+    return "stop" if hit_eos or new_tokens < max_new_tokens else "length"
+
+
 class _StreamWatch:
     """A stopping criterion that counts decoding steps and stops when the consumer has gone."""
 
-    def __init__(self, cancel: threading.Event | None, eos_ids: set[int]):
-        self.cancel, self.eos_ids, self.steps, self.last_token = cancel, eos_ids, 0, None
+    def __init__(self, cancel: threading.Event | None):
+        self.cancel, self.steps, self.last_token = cancel, 0, None
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -142,7 +146,7 @@ class TransformersGenerator:
                     _clean(text),
                     prompt_tokens=lengths[i],
                     completion_tokens=ended or len(row),
-                    finish_reason="stop" if ended or len(row) < max_new_tokens else "length",
+                    finish_reason=_finish_reason(ended is not None, len(row), max_new_tokens),
                 )
         return answers
 
@@ -162,7 +166,7 @@ class TransformersGenerator:
         enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         eos_ids = self._eos_ids()
-        watch = _StreamWatch(cancel, eos_ids)
+        watch = _StreamWatch(cancel)
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -199,11 +203,10 @@ class TransformersGenerator:
         if errors:
             raise errors[0]
         if stats is not None:
-            stopped = watch.last_token in eos_ids or watch.steps < max_new_tokens
             stats.update(
                 prompt_tokens=int(enc["input_ids"].shape[1]),
                 completion_tokens=watch.steps,
-                finish_reason="stop" if stopped else "length",
+                finish_reason=_finish_reason(watch.last_token in eos_ids, watch.steps, max_new_tokens),
             )
 
 

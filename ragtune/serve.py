@@ -119,6 +119,7 @@ class ApiError(Exception):
 
 
 def usage_object(counts: dict[str, Any]) -> dict[str, int]:
+    """OpenAI's usage object from token counts (a bundle result's `usage` or a stream's stats)."""
     prompt, completion = int(counts.get("prompt_tokens", 0)), int(counts.get("completion_tokens", 0))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -304,13 +305,12 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
                 raise ApiError(429, "too many requests waiting; retry shortly", "rate_limit_error", "busy",
                                {"Retry-After": "2"})
             result = await batcher.answer(question, req.top_k, budget)
-            usage = dict(result.get("usage") or {})
-            finish = usage.pop("finish_reason", "stop")
+            counts = result.get("usage") or {}
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                             "finish_reason": finish}],
-                "usage": usage_object(usage),
+                             "finish_reason": counts.get("finish_reason", "stop")}],
+                "usage": usage_object(counts),
                 "ragtune": extras(result),
             }
 
@@ -336,9 +336,8 @@ def create_app(bundle: Bundle, settings: ServeSettings | None = None):
                 async for piece in iterate_in_threadpool(bundle.stream(prepared, cancel, stats)):
                     pieces.append(piece)
                     yield chunk({"content": piece})
-                finish = stats.pop("finish_reason", "stop")
                 result = bundle.finish(prepared, "".join(pieces).strip())
-                yield chunk({}, finish, extras(result))
+                yield chunk({}, stats.get("finish_reason", "stop"), extras(result))
                 if req.stream_options and req.stream_options.include_usage:
                     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                             "model": MODEL_ID, "choices": [], "usage": usage_object(stats)}
