@@ -19,7 +19,7 @@ from ragtune.metrics import (
 )
 from ragtune.prompts import cmrc_prompt, math_prompt
 
-CMRC_KEYS = ["exact_match", "normalized_exact_match", "f1", "containment", "similarity"]
+CMRC_KEYS = ["official_em", "official_f1", "strict_em", "normalized_em", "containment", "similarity"]
 # How `math_answer` reads an answer; all but 'boxed' and 'no_box' are format failures.
 MATH_FORMATS = ["boxed", "no_box", "no_number", "conflicting_boxes", "unparsable_box"]
 FORMAT_FAILURES = {"no_number", "conflicting_boxes", "unparsable_box"}

@@ -1,13 +1,46 @@
-"""Metrics shared by distill, embed_ft, eval and the bundle."""
+"""Metrics shared by distill, embed_ft, eval and the bundle.
+
+Reading comprehension is scored with CMRC2018's official EM and F1 (`cmrc_official_em`,
+`cmrc_official_f1`), re-implemented rule for rule from ymcui/cmrc2018 baseline/cmrc2018_evaluate.py (v6)
+so that our numbers compare with published ones; ragtune's own diagnostics (strict and normalised EM,
+containment, similarity) sit beside them.
+
+One deliberate deviation, the word tokenizer. The official script tokenizes each non-Chinese run with
+`nltk.word_tokenize`, which needs NLTK's downloaded punkt sentence model (not installable from PyPI).
+We call `nltk.tokenize.NLTKWordTokenizer().tokenize(run)`, which needs no data. In NLTK (read in 3.10.4)
+`word_tokenize(text)` is exactly that tokenizer applied to each sentence of `sent_tokenize(text)`, so
+what we compute is `word_tokenize(text, preserve_line=True)`. The two differ only where punkt finds a
+sentence boundary *inside* one non-Chinese run, through the tokenizer's two rules anchored to the ends
+of its input, which word_tokenize then also applies at every inner boundary:
+
+1. the final-period rule: a period ending a sentence (possibly followed by closing brackets or quotes
+   `)]}>"'»”’`) is split off. "went home. he slept" gives word_tokenize [..., "home", ".", "he", ...]
+   and us [..., "home.", "he", ...]; likewise "(home.) then" and 'said "home." then';
+2. the opening-quote rule `^"` -> "``": a '"' opening the next sentence after a newline or tab becomes
+   "``" under word_tokenize and "''" here (after a plain space both give "``").
+
+"?" and "!" are split everywhere by both, and the end of the run is treated identically. Whether punkt
+breaks at all depends on its English model (not after abbreviations it knows such as "mr." or "e.g.",
+often not after a number followed by a lower-case word; the official script lower-cases first).
+Chinese characters never reach the tokenizer and "。" is dropped before it, so this can only matter for
+an English run holding more than one sentence, which CMRC answers practically never contain: on 300
+perturbed trial answers (tests/data/cmrc_official_scores.json) the scores agree exactly.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from decimal import Decimal, InvalidOperation
 
 # --------------------------------------------------------------------------- maths answers
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number in free text. Commas count only as thousands separators ("1,234,567"; in "1,2,3" the last number
+# is 3). A minus sign counts only when it is not glued to a preceding digit, Latin letter or closing
+# bracket: "3-2" is a score or a range and reads 2, "x-3" is a subtraction, while " -2", "(-5)", "x=-3",
+# "-$5" and "等于-3" are negative (a Chinese character before the sign is a word, not an operand).
+_NUMBER = re.compile(r"(?:(?<![\dA-Za-z)\]}])-\$?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)|(?<!\d)\.\d+)")
 _FRAC = re.compile(r"^\\d?frac\{(-?[\d.,]+)\}\{(-?[\d.,]+)\}$")
 
 
@@ -41,9 +74,10 @@ def normalize_number(text: str) -> str | None:
         num, den = s.split("/")
         return None if int(den) == 0 else _canonical(Decimal(num) / Decimal(den))
     try:
-        return _canonical(Decimal(s))
+        value = Decimal(s)
     except InvalidOperation:
         return None
+    return _canonical(value) if value.is_finite() else None  # "inf" and "nan" parse but are no answer
 
 
 def _canonical(value: Decimal) -> str:
@@ -75,43 +109,76 @@ def math_correct(prediction: str, gold: str) -> bool:
 
 
 # --------------------------------------------------------------------------- reading-comprehension answers (eval)
+#
+# CMRC2018's official EM and F1 (ymcui/cmrc2018, baseline/cmrc2018_evaluate.py, v6), re-implemented
+# rule for rule so that our numbers can be compared with published ones:
+#
+# * segmentation: lower case and strip the text; drop each character of the script's own special-character
+#   list *in place* (the pending run is not flushed, so "new-york" -> "newyork"); a character in
+#   [\u4e00-\u9fa5] flushes the pending run through the word tokenizer and is a token of its own; any other
+#   character joins the pending run; the last run is flushed the same way.
+# * F1: longest common contiguous token run between gold and prediction, P = lcs/len(pred),
+#   R = lcs/len(gold), 2PR/(P+R), 0 when nothing is shared; the best gold counts.
+# * EM: the special characters removed from both lower-cased, stripped strings, then plain string equality
+#   against any gold (so an empty prediction matches a gold that is empty after the removal).
+#
+# The special-character list is the script's, character for character. Its "……" entry is two characters
+# long, so it can never equal a single character: "…" is kept. Much other punctuation is kept too:
+# "【】—,.\"'()" and the like are not in the list and survive as (parts of) tokens.
+#
+# Word tokenizer: NLTKWordTokenizer in place of nltk.word_tokenize; the module docstring says where they differ.
 
-# The official CMRC2018 evaluation script's punctuation list; any Unicode punctuation is removed too.
-_CMRC_SPECIAL = set("-:_*^/\\~`+=，。：？！“”；’《》·、「」（）－～『』") | {"……"}
-_CJK = re.compile(r"[\u4e00-\u9fa5]")
-# Stands in for nltk.word_tokenize (not installed) on the non-CJK runs: words, numbers, other symbols.
-_WORD = re.compile(r"\w+(?:[.'’]\w+)*|[^\w\s]")
+OFFICIAL_SPECIAL_CHARS: tuple[str, ...] = (
+    "-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=",
+    "，", "。", "：", "？", "！", "“", "”", "；", "’", "《", "》", "……", "·", "、",
+    "「", "」", "（", "）", "－", "～", "『", "』",
+)  # fmt: skip
+# Membership of one character; the two-character "……" entry can never match, exactly as in the script.
+_OFFICIAL_SPECIAL = frozenset(OFFICIAL_SPECIAL_CHARS)
 
 
-def _is_punctuation(ch: str) -> bool:
-    import unicodedata
+def _is_official_cjk(ch: str) -> bool:
+    """The script's test for a Chinese character: re.search('[\\u4e00-\\u9fa5]', ch)."""
+    return "\u4e00" <= ch <= "\u9fa5"
 
-    return ch in _CMRC_SPECIAL or unicodedata.category(ch).startswith("P")
+
+@functools.cache
+def _word_tokenizer():
+    """NLTK's Treebank-style word tokenizer, imported on first use (importing nltk takes seconds)."""
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
 
 
-def mixed_segmentation(text: str) -> list[str]:
-    """CMRC's tokens: each CJK character one token, other runs split into words; lower case,
-    the official script's symbols dropped, then tokens made only of punctuation dropped."""
+def _tokenize_run(run: str) -> list[str]:
+    return _word_tokenizer().tokenize(run) if run else []
+
+
+def official_segmentation(text: str) -> list[str]:
+    """CMRC2018's `mixed_segmentation(text, rm_punc=True)`: one token per Chinese character, NLTK words
+    for the runs between them, the official special characters dropped without splitting the run."""
     tokens: list[str] = []
     run = ""
     for ch in str(text).lower().strip():
-        if ch in _CMRC_SPECIAL:  # dropped in place, as the official script does ("new-york" -> "newyork")
+        if ch in _OFFICIAL_SPECIAL:
             continue
-        if _CJK.match(ch):
-            tokens.extend(_words(run))
+        if _is_official_cjk(ch):
+            tokens.extend(_tokenize_run(run))
             run = ""
             tokens.append(ch)
         else:
             run += ch
-    tokens.extend(_words(run))
+    tokens.extend(_tokenize_run(run))
     return tokens
 
 
-def _words(run: str) -> list[str]:
-    return [t for t in _WORD.findall(run) if not all(_is_punctuation(c) for c in t)]
+def official_remove_punctuation(text: str) -> str:
+    """CMRC2018's `remove_punctuation`: lower case, stripped, official special characters dropped."""
+    return "".join(ch for ch in str(text).lower().strip() if ch not in _OFFICIAL_SPECIAL)
 
 
-def _longest_common_substring(a: list[str], b: list[str]) -> int:
+def longest_common_run(a: list[str], b: list[str]) -> int:
+    """Length of the longest contiguous token run shared by `a` and `b` (the script's `find_lcs`)."""
     best, prev = 0, [0] * (len(b) + 1)
     for x in a:
         cur = [0] * (len(b) + 1)
@@ -123,34 +190,53 @@ def _longest_common_substring(a: list[str], b: list[str]) -> int:
     return best
 
 
-def cmrc_f1(prediction: str, golds: list[str]) -> float:
-    """CMRC2018's official F1: longest common substring of mixed-segmentation tokens, max over golds."""
-    pred = mixed_segmentation(prediction)
+def _require_golds(golds: list[str]) -> None:
+    """The script takes max() over the golds, which fails on none; say so plainly instead."""
+    if not golds:
+        raise ValueError("no gold answers: CMRC2018's EM and F1 need at least one")
+
+
+def cmrc_official_f1(prediction: str, golds: list[str]) -> float:
+    """CMRC2018's official per-question F1 as a fraction in [0, 1] (the script reports 100x the mean)."""
+    _require_golds(golds)
+    pred = official_segmentation(prediction)
     best = 0.0
     for gold in golds:
-        ref = mixed_segmentation(gold)
-        common = _longest_common_substring(ref, pred)
+        ref = official_segmentation(gold)
+        common = longest_common_run(ref, pred)
         if common:
-            precision, recall = common / len(pred), common / len(ref)
-            best = max(best, 2 * precision * recall / (precision + recall))
+            precision = 1.0 * common / len(pred)
+            recall = 1.0 * common / len(ref)
+            best = max(best, (2 * precision * recall) / (precision + recall))
     return best
 
 
-def exact_match(prediction: str, golds: list[str]) -> bool:
-    """The seed's exact match: `prediction.strip() == gold` for some gold answer."""
+def cmrc_official_em(prediction: str, golds: list[str]) -> bool:
+    """CMRC2018's official EM: equal strings after `official_remove_punctuation`, for some gold."""
+    _require_golds(golds)
+    pred = official_remove_punctuation(prediction)
+    return any(official_remove_punctuation(gold) == pred for gold in golds)
+
+
+def strict_exact_match(prediction: str, golds: list[str]) -> bool:
+    """The seed's exact match, kept for continuity: `prediction.strip() == gold` for some gold answer."""
     return any(prediction.strip() == gold for gold in golds)
+
+
+def _is_punctuation(ch: str) -> bool:
+    """Punctuation for ragtune's own normalised EM: the official special characters or any Unicode P*."""
+    return ch in _OFFICIAL_SPECIAL or unicodedata.category(ch).startswith("P")
 
 
 def normalize_answer(text: str) -> str:
     """NFKC, lower case, punctuation and spaces removed."""
-    import unicodedata
-
     text = unicodedata.normalize("NFKC", str(text)).lower()
     return "".join(ch for ch in text if not (ch.isspace() or _is_punctuation(ch)))
 
 
 def normalized_exact_match(prediction: str, golds: list[str]) -> bool:
-    """Exact match after `normalize_answer` on both sides, against any gold; empty never matches."""
+    """ragtune's lenient EM: equal after `normalize_answer` on both sides, against any gold; empty never
+    matches. Broader than the official EM (all Unicode punctuation, full width, spaces)."""
     pred = normalize_answer(prediction)
     return bool(pred) and any(pred == normalize_answer(g) for g in golds)
 
@@ -181,11 +267,13 @@ def semantic_similarity(embedder, predictions: list[str], golds: list[list[str]]
 
 
 def cmrc_example_scores(prediction: str, golds: list[str], context: str) -> dict[str, float]:
-    """The per-example reading-comprehension scores (similarity is batched separately)."""
+    """The per-example reading-comprehension scores, each in [0, 1] (similarity is batched separately):
+    the official CMRC2018 EM and F1, then ragtune's diagnostics."""
     return {
-        "exact_match": float(exact_match(prediction, golds)),
-        "normalized_exact_match": float(normalized_exact_match(prediction, golds)),
-        "f1": cmrc_f1(prediction, golds),
+        "official_em": float(cmrc_official_em(prediction, golds)),
+        "official_f1": cmrc_official_f1(prediction, golds),
+        "strict_em": float(strict_exact_match(prediction, golds)),
+        "normalized_em": float(normalized_exact_match(prediction, golds)),
         "containment": float(contained(prediction, context)),
     }
 

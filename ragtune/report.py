@@ -8,19 +8,19 @@ from typing import Any
 
 # (column title, task, metric) in table order
 COLUMNS = [
-    ("CMRC gold EM", "cmrc_gold", "exact_match"),
-    ("gold EM (norm.)", "cmrc_gold", "normalized_exact_match"),
-    ("gold F1", "cmrc_gold", "f1"),
+    ("CMRC gold EM", "cmrc_gold", "official_em"),
+    ("gold EM (strict)", "cmrc_gold", "strict_em"),
+    ("gold F1", "cmrc_gold", "official_f1"),
     ("gold contained", "cmrc_gold", "containment"),
     ("gold similarity", "cmrc_gold", "similarity"),
-    ("CMRC top-k EM", "cmrc_retrieved", "exact_match"),
-    ("top-k EM (norm.)", "cmrc_retrieved", "normalized_exact_match"),
-    ("top-k F1", "cmrc_retrieved", "f1"),
+    ("CMRC top-k EM", "cmrc_retrieved", "official_em"),
+    ("top-k EM (strict)", "cmrc_retrieved", "strict_em"),
+    ("top-k F1", "cmrc_retrieved", "official_f1"),
     ("top-k contained", "cmrc_retrieved", "containment"),
     ("top-k similarity", "cmrc_retrieved", "similarity"),
     ("GSM8K acc.", "gsm8k", "accuracy"),
 ]
-CHART_COLUMNS = [c for c in COLUMNS if c[2] in ("exact_match", "f1", "containment", "accuracy")]
+CHART_COLUMNS = [c for c in COLUMNS if c[2] in ("official_em", "official_f1", "containment", "accuracy")]
 
 
 def _cell(value: Any) -> str:

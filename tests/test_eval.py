@@ -70,13 +70,13 @@ def test_tasks_score_an_oracle_perfectly(oracle_url, embedder, prepared_dir):
     rows = load_rows(prepared_dir / "cmrc_eval.jsonl", ("id", "question", "answers", "context"))[:5]
     examples, summary = run_cmrc(oracle, rows, 64, embedder)
     assert summary | {"seconds": 0} == pytest.approx(
-        {"exact_match": 1.0, "normalized_exact_match": 1.0, "f1": 1.0, "containment": 1.0, "similarity": 1.0,
+        {"official_em": 1.0, "official_f1": 1.0, "strict_em": 1.0, "normalized_em": 1.0, "containment": 1.0, "similarity": 1.0,
          "n": 5, "seconds": 0}, abs=1e-5)
     assert [e["id"] for e in examples] == [r["id"] for r in rows]
 
     wrong = [dict(r, answers=["完全不同的答案"]) for r in rows[:2]]
     _, summary = run_cmrc(oracle, wrong, 64, embedder)
-    assert summary["exact_match"] == 0.0 and summary["containment"] == 1.0  # copied, but not the gold
+    assert summary["official_em"] == 0.0 and summary["containment"] == 1.0  # copied, but not the gold
 
     maths = load_rows(prepared_dir / "gsm8k_eval.jsonl", ("id", "question", "answer"))[:4]
     examples, summary = run_math(oracle, maths, 256)
@@ -86,8 +86,8 @@ def test_tasks_score_an_oracle_perfectly(oracle_url, embedder, prepared_dir):
 
 def test_markdown_table_rows_and_reference_note():
     table = markdown_table(
-        {"base": {"cmrc_gold": {"exact_match": 0.0}, "gsm8k": {"accuracy": 0.0625}},
-         "tuned": {"cmrc_gold": {"exact_match": 0.25}}},
+        {"base": {"cmrc_gold": {"official_em": 0.0}, "gsm8k": {"accuracy": 0.0625}},
+         "tuned": {"cmrc_gold": {"official_em": 0.25}}},
         {"seed_gpu": "not published in this repo"},
     )
     lines = table.strip().splitlines()
@@ -120,7 +120,7 @@ def test_eval_stage_end_to_end_with_an_endpoint(oracle_url, tmp_path, monkeypatc
 
     out = tmp_path / "reports" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["oracle"]["cmrc_gold"]["exact_match"] == 1.0
+    assert metrics["oracle"]["cmrc_gold"]["official_em"] == 1.0
     assert metrics["oracle"]["cmrc_gold"]["n"] == params["eval"]["cmrc_samples"]
     assert metrics["oracle"]["gsm8k"]["accuracy"] == 1.0
     assert 0.5 < metrics["retrieval"]["bm25"]["hit@3"] <= 1.0
@@ -132,7 +132,7 @@ def test_eval_stage_end_to_end_with_an_endpoint(oracle_url, tmp_path, monkeypatc
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
     run = mlflow.search_runs(experiment_names=["ragtune"], output_format="list")[0]
-    assert run.data.metrics["oracle.cmrc_gold.exact_match"] == 1.0
+    assert run.data.metrics["oracle.cmrc_gold.official_em"] == 1.0
     assert run.data.tags["dvc.stage"] == "eval"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"predictions", "report.md", "metrics.json", "comparison.png"} <= artifacts
