@@ -34,7 +34,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 params: install
-	$(PY) -m ragtune.config
+	$(PY) -m ragtune.params
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -17,7 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ragtune.prompts import math_prompt  # noqa: E402
-from ragtune.teacher import Distiller, ResponseCache, make_teacher  # noqa: E402
+from ragtune.teacher import (  # noqa: E402
+    DistillConfig,
+    Distiller,
+    OpenAITeacherConfig,
+    ResponseCache,
+    make_teacher,
+    retry_policy,
+)
 from tests.loopback_teacher import Answer, LoopbackTeacher, user_text  # noqa: E402
 
 
@@ -36,15 +43,18 @@ def main() -> None:
 
     os.environ["RAGTUNE_BENCH_TEACHER_KEY"] = "bench"
     with tempfile.TemporaryDirectory() as tmp, LoopbackTeacher(respond) as server:
-        cfg = {"kind": "openai", "name": "loopback", "base_url": server.base_url, "model": "loopback",
-               "api_key_env": "RAGTUNE_BENCH_TEACHER_KEY", "temperature": 0.6, "max_tokens": 64, "timeout": 30}
+        cfg = OpenAITeacherConfig(kind="openai", name="loopback", base_url=server.base_url, model="loopback",
+                                  api_key_env="RAGTUNE_BENCH_TEACHER_KEY", system=None, temperature=0.6, top_p=None,
+                                  max_tokens=64, timeout=30)
+        retry = retry_policy(DistillConfig())
         runs = []
         for _ in range(2):
             teacher = make_teacher(cfg)
             with ResponseCache(Path(tmp) / "cache.jsonl") as cache:
                 calls_before = len(server.calls)
                 started = time.perf_counter()
-                result = Distiller(teacher, cache, max_rounds=1, concurrency=args.concurrency, progress=False).run(items)
+                result = Distiller(teacher, cache, max_rounds=1, concurrency=args.concurrency, retry=retry,
+                                   seed=0).run(items)
                 runs.append((time.perf_counter() - started, len(server.calls) - calls_before, result.stats))
     (first_s, first_calls, stats), (second_s, second_calls, second_stats) = runs
     ideal = args.concurrency / args.latency

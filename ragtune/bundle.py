@@ -27,9 +27,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from ragtune import prompts
+from ragtune.config import Config, validate
 from ragtune.inference import Completion
 from ragtune.io import DataError, atomic_dir, iter_jsonl, read_json, require, sha256_file
 from ragtune.metrics import math_answer
@@ -38,7 +41,32 @@ from ragtune.router import MATHS, READING, UnknownLabel, load_router
 FORMAT = 1
 MANIFEST = "manifest.json"
 BASE_ENV = "RAGTUNE_BASE_GENERATOR"  # overrides where the base generator is found
-DEFAULT_ANSWER = {"top_k": 3, "max_new_tokens_maths": 384, "max_new_tokens_reading": 96, "unknown_route": READING}
+
+
+class AnswerSettings(Config):
+    """How a bundle answers; written into its manifest by package and checked when a bundle loads."""
+
+    top_k: int = Field(ge=1, le=20, description="passages retrieved per reading question (retrieval.top_k)")
+    max_new_tokens_maths: int = Field(ge=1, description="token budget of a maths answer (chain of thought, then the box)")
+    max_new_tokens_reading: int = Field(ge=1, description="token budget of a reading answer")
+    unknown_route: Literal["reading", "error"] = Field(
+        description="what an unrecognised router label becomes: reading (with a note) or an error; never maths")
+
+
+class PackageConfig(Config):
+    """`package` (conf/package/default.yaml): the bundle. Passages per question are `retrieval.top_k`."""
+
+    max_new_tokens_maths: int = Field(384, ge=1, description="chain of thought, then \\boxed{answer}")
+    max_new_tokens_reading: int = Field(96, ge=1, description="CMRC answers are short spans")
+    unknown_route: Literal["reading", "error"] = Field(
+        READING, description="an unrecognised router label: reading (with a note) or error; never maths")
+    copy_base: bool = Field(
+        False, description="copy the base generator into bundle/base (standalone folder) instead of referencing models/base/generator")
+    log_model: bool = Field(True, description="also log the bundle to MLflow as a pyfunc model")
+
+    def answer_settings(self, top_k: int) -> AnswerSettings:
+        return AnswerSettings(top_k=top_k, max_new_tokens_maths=self.max_new_tokens_maths,
+                              max_new_tokens_reading=self.max_new_tokens_reading, unknown_route=self.unknown_route)
 
 
 def prompt_templates() -> dict[str, str]:
@@ -77,7 +105,8 @@ def build_bundle(
     adapter_dir: str | os.PathLike | None = None,
     metrics_path: str | os.PathLike | None = None,
     router_metrics_path: str | os.PathLike | None = None,
-    answer: dict[str, Any] | None = None,
+    *,
+    answer: AnswerSettings,
     copy_base: bool = False,
     stopwords: Sequence[str] = (),
     project_root: str | os.PathLike | None = None,
@@ -93,9 +122,6 @@ def build_bundle(
     if not (Path(router_dir) / "router.json").exists():
         raise DataError(f"{router_dir}: no router.json (run the router stage)")
     chunks = read_kb(kb_path)
-    settings = {**DEFAULT_ANSWER, **(answer or {})}
-    if settings["unknown_route"] not in (READING, "error"):
-        raise ValueError("answer.unknown_route must be 'reading' or 'error' (never maths by default)")
 
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(kb_path, tmp / "kb.jsonl")
@@ -124,7 +150,7 @@ def build_bundle(
         manifest = {
             "format": FORMAT,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "answer": settings,
+            "answer": answer.model_dump(),
             "base_generator": {
                 "path": base_ref,
                 "copied": copy_base,
@@ -198,7 +224,7 @@ class Bundle:
                  chunks: dict[str, dict[str, Any]], generator: Any):
         self.folder, self.manifest, self.router, self.index = folder, manifest, router, index
         self.chunks, self.generator = chunks, generator
-        self.settings = {**DEFAULT_ANSWER, **manifest.get("answer", {})}
+        self.settings = validate(AnswerSettings, manifest.get("answer"), prefix=("manifest.json: answer",))
 
     @classmethod
     def load(
@@ -247,16 +273,16 @@ class Bundle:
             return self._unknown(err)
 
     def _unknown(self, err: Exception) -> tuple[str, str | None]:
-        if self.settings["unknown_route"] == "error":
+        if self.settings.unknown_route == "error":
             raise err
-        return self.settings["unknown_route"], f"router failed ({err}); answered as {self.settings['unknown_route']}"
+        return self.settings.unknown_route, f"router failed ({err}); answered as {self.settings.unknown_route}"
 
     def prepare(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None) -> Prepared:
         route, note = self.route(question)
         if route == MATHS:
             return Prepared(question, route, prompts.math_prompt(question),
-                            int(max_new_tokens or self.settings["max_new_tokens_maths"]), route_note=note)
-        k = int(top_k or self.settings["top_k"])
+                            int(max_new_tokens or self.settings.max_new_tokens_maths), route_note=note)
+        k = int(top_k or self.settings.top_k)
         hits = self.index.retrieve(question, k)
         sources = [
             {"chunk_id": cid, "title": self.chunks[cid].get("title", ""), "text": self.chunks[cid]["text"], "score": round(score, 4)}
@@ -264,7 +290,7 @@ class Bundle:
         ]
         context = "\n".join(s["text"] for s in sources)
         return Prepared(question, route, prompts.cmrc_prompt(context, question),
-                        int(max_new_tokens or self.settings["max_new_tokens_reading"]), sources, note)
+                        int(max_new_tokens or self.settings.max_new_tokens_reading), sources, note)
 
     def finish(self, prepared: Prepared, text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         result = {"question": prepared.question, "route": prepared.route, "text": text, "sources": prepared.sources}

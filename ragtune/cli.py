@@ -12,6 +12,7 @@ then from the flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 
-def _serve_config() -> dict[str, Any]:
-    if Path("params.yaml").exists():
-        from ragtune.config import load_params
+def _group(key: str, schema: Any, params_path: str = "params.yaml") -> Any:
+    """A config group from params.yaml when there is one (a project checkout), else its defaults."""
+    from ragtune.config import read_params, validate
 
-        return dict(load_params().get("serve") or {})
-    return {}
+    if Path(params_path).exists():
+        return read_params(params_path).group(key, schema)
+    return validate(schema, {})
 
 
 def _load_bundle(path: str, verify: str = "size", generator: Any = None):
@@ -36,34 +38,41 @@ def _load_bundle(path: str, verify: str = "size", generator: Any = None):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ragtune.serve import ServeSettings, create_app, start_vllm
+    from ragtune.config import validate
+    from ragtune.engine import VllmConfig
+    from ragtune.serve import ServeConfig, create_app
 
-    settings = ServeSettings.from_config(
-        _serve_config(), host=args.host, port=args.port, backend=args.backend, max_concurrent=args.max_concurrent,
-        torch_threads=args.threads,
-    )
+    flags = {"host": args.host, "port": args.port, "backend": args.backend, "max_concurrent": args.max_concurrent,
+             "torch_threads": args.threads}
+    configured = _group("serve", ServeConfig).model_dump()
+    settings = validate(ServeConfig, configured | {k: v for k, v in flags.items() if v is not None})
     if settings.torch_threads:
         import torch
 
-        torch.set_num_threads(int(settings.torch_threads))
-    proc = None
-    generator = None
-    if settings.backend == "vllm":
-        proc, generator = start_vllm(args.bundle, settings.vllm)
-    elif settings.backend != "transformers":
-        raise SystemExit(f"unknown serve.backend '{settings.backend}' (expected transformers or vllm)")
-    try:
+        torch.set_num_threads(settings.torch_threads)
+    with contextlib.ExitStack() as stack:
+        generator = None
+        if settings.backend == "vllm":
+            generator = stack.enter_context(_vllm_engine(args.bundle, _group("vllm", VllmConfig))).generator()
         bundle = _load_bundle(args.bundle, args.verify, generator)
         app = create_app(bundle, settings)
         if settings.token_env and os.environ.get(settings.token_env):
             print(f"bearer token required (from ${settings.token_env})", file=sys.stderr)
         print(f"ragtune: serving {args.bundle} on http://{settings.host}:{settings.port}", file=sys.stderr)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
     return 0
+
+
+def _vllm_engine(bundle_dir: str, cfg: Any):
+    """The managed vLLM engine for a bundle: its base generator, its adapter as LoRA module `ragtune`."""
+    from ragtune.bundle import MANIFEST, resolve_base
+    from ragtune.engine import VllmEngine
+    from ragtune.io import read_json
+
+    folder = Path(bundle_dir)
+    manifest = read_json(folder / MANIFEST)
+    adapter = folder / manifest["adapter"] if manifest.get("adapter") else None
+    return VllmEngine(cfg, resolve_base(folder, manifest), adapter)
 
 
 def _print_answer(result: dict[str, Any]) -> None:

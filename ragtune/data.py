@@ -1,67 +1,43 @@
-"""Datasets: fetch with checksums (mirror first), parse CMRC2018 and GSM8K, split, chunk, mine negatives."""
+"""Datasets: parse CMRC2018 and GSM8K, split by article, chunk the knowledge base, mine negatives."""
 
 from __future__ import annotations
 
 import os
 import random
 import re
-import shutil
 import unicodedata
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ragtune.io import DataError, atomic_path, iter_jsonl, read_json, sha256_file
+from pydantic import Field, model_validator
+
+from ragtune.config import Config
+from ragtune.io import DataError, iter_jsonl, read_json
+from ragtune.sources import DataConfig
 from ragtune.prompts import alpaca_record, cmrc_prompt
 
-MIRROR_ENV = "RAGTUNE_DATA_MIRROR"
+# --------------------------------------------------------------------------- configuration
 
 
-# --------------------------------------------------------------------------- fetch
+class SplitConfig(Config):
+    """`split` (conf/split/default.yaml): knowledge-base chunking, embedding triples, the leak check."""
 
+    chunk_size: int = Field(200, gt=0, description="characters per knowledge-base chunk (whole sentences packed)")
+    chunk_overlap: int = Field(50, ge=0, description="characters of sentences repeated from the previous chunk")
+    hard_negatives: int = Field(7, ge=0, description="BM25-mined negatives per embedding triple")
+    bm25_candidates: int = Field(30, ge=1, description="negatives are sampled from this many top BM25 hits")
+    leak_min_question_chars: int = Field(
+        8, ge=1, description="shorter normalised questions are not evidence of a train/eval leak")
+    sft_context_chars: int | None = Field(
+        None, gt=0, description="SFT contexts: the gold chunk (null) or a window of this many characters around the answer")
 
-def resolve_mirror(configured: str | None) -> Path | None:
-    """The mirror folder: RAGTUNE_DATA_MIRROR wins over `data.mirror`; None means download."""
-    value = os.environ.get(MIRROR_ENV) or configured
-    return Path(value).expanduser().resolve() if value else None
-
-
-def fetch_file(
-    relpath: str, url: str, expected_sha256: str | None, dest: Path, mirror: Path | None, timeout: float = 60
-) -> dict[str, str]:
-    """Copy `relpath` from the mirror (or download `url`), verify its sha256, write `dest` atomically."""
-    source = mirror / relpath if mirror else None
-    with atomic_path(dest) as tmp:
-        if source is not None and source.is_file():
-            shutil.copyfile(source, tmp)
-            origin = str(source)
-        else:
-            where = f"not in the mirror {mirror}, and " if mirror else ""
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
-                    shutil.copyfileobj(resp, fh)
-            except OSError as err:
-                raise DataError(f"{relpath}: {where}download from {url} failed: {err}") from None
-            origin = url
-        actual = sha256_file(tmp)
-        if expected_sha256 and actual != expected_sha256:
-            raise DataError(
-                f"{relpath}: checksum mismatch for {origin}: expected sha256 {expected_sha256}, got {actual}"
-            )
-    return {"file": relpath, "sha256": actual, "source": origin, "verified": bool(expected_sha256)}
-
-
-def fetch_datasets(datasets: Mapping[str, Any], out_dir: Path, mirror: Path | None) -> list[dict[str, str]]:
-    """Fetch every file of every dataset; `datasets` is `data.datasets` from params."""
-    fetched = []
-    for name, spec in datasets.items():
-        for filename, sha in (spec.get("files") or {}).items():
-            relpath = f"{name}/{filename}"
-            url = spec["base_url"].rstrip("/") + "/" + filename
-            fetched.append(fetch_file(relpath, url, sha, out_dir / relpath, mirror))
-    return fetched
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> SplitConfig:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be below chunk_size ({self.chunk_size})")
+        return self
 
 
 # --------------------------------------------------------------------------- CMRC2018
@@ -408,6 +384,7 @@ def mine_hard_negatives(
     train_pairs: Sequence[tuple[Question, list[str], str]],
     kb: Sequence[Chunk],
     train_article_ids: set[str],
+    *,
     n_negatives: int,
     n_candidates: int,
     prompt: str,
@@ -446,19 +423,27 @@ def mine_hard_negatives(
 # --------------------------------------------------------------------------- the split stage's whole job
 
 
-def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any], query_prompt: str, seed: int):
+def prepare(
+    raw_dir: Path,
+    *,
+    data: DataConfig,
+    split: SplitConfig,
+    stopwords: Sequence[str] = (),
+    query_prompt: str = "",
+    seed: int,
+):
     """Everything split writes, as {file name: rows}, plus its stats. Raises DataError on bad
     input or on a train/eval leak, before anything is written."""
     report, seen_ids = Report(), {}
-    train = [a for f in data_cfg["cmrc_train"] for a in load_cmrc(raw_dir / f, report, seen_ids)]
-    if data_cfg.get("cmrc_eval"):
-        evaluation = [a for f in data_cfg["cmrc_eval"] for a in load_cmrc(raw_dir / f, report, seen_ids)]
+    train = [a for f in data.cmrc_train for a in load_cmrc(raw_dir / f, report, seen_ids)]
+    if data.cmrc_eval:
+        evaluation = [a for f in data.cmrc_eval for a in load_cmrc(raw_dir / f, report, seen_ids)]
     else:
-        train, evaluation = split_articles(train, data_cfg.get("cmrc_eval_fraction", 0.1), seed)
-    gsm_train = load_gsm8k(raw_dir / data_cfg["gsm8k_train"], "train")
-    gsm_eval = load_gsm8k(raw_dir / data_cfg["gsm8k_eval"], "test")
+        train, evaluation = split_articles(train, data.cmrc_eval_fraction, seed)
+    gsm_train = load_gsm8k(raw_dir / data.gsm8k_train, "train")
+    gsm_eval = load_gsm8k(raw_dir / data.gsm8k_eval, "test")
 
-    min_chars = split_cfg.get("leak_min_question_chars", 8)
+    min_chars = split.leak_min_question_chars
     leaks = find_leaks(
         [q.question for a in train for q in a.questions],
         [(q.id, q.question) for a in evaluation for q in a.questions],
@@ -473,18 +458,16 @@ def prepare(raw_dir: Path, data_cfg: Mapping[str, Any], split_cfg: Mapping[str, 
         shown = "\n  ".join(leaks[:10])
         raise DataError(f"{len(leaks)} eval items leak into train (first {min(10, len(leaks))}):\n  {shown}")
 
-    records = build_cmrc_records(
-        train, evaluation, split_cfg["chunk_size"], split_cfg["chunk_overlap"], split_cfg.get("sft_context_chars")
-    )
+    records = build_cmrc_records(train, evaluation, split.chunk_size, split.chunk_overlap, split.sft_context_chars)
     triples = mine_hard_negatives(
         records["train_pairs"],
         records["kb"],
         {a.id for a in train},
-        split_cfg["hard_negatives"],
-        split_cfg["bm25_candidates"],
-        query_prompt,
-        seed,
-        split_cfg.get("stopwords") or (),
+        n_negatives=split.hard_negatives,
+        n_candidates=split.bm25_candidates,
+        prompt=query_prompt,
+        seed=seed,
+        stopwords=stopwords,
     )
     kb = [{"chunk_id": c.chunk_id, "article_id": c.article_id, "title": c.title, "text": c.text} for c in records["kb"]]
     outputs = {

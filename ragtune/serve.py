@@ -13,8 +13,8 @@ answered together, up to `max_batch` per batched generate call, streams hold one
 `max_concurrent` slots, and at most `max_waiting` requests wait (beyond that: 429); every bad
 request gets a 4xx in OpenAI's error shape and the server keeps serving.
 
-`backend: vllm` starts `vllm serve <base> --enable-lora --lora-modules ragtune=<adapter>` and sends
-generation to it through the same OpenAI client the eval stage uses.
+`backend: vllm` starts `vllm serve <base> --enable-lora --lora-modules ragtune=<adapter>`
+(ragtune.engine) and sends generation to it through the same OpenAI client the eval stage uses.
 """
 
 from __future__ import annotations
@@ -24,13 +24,10 @@ import contextlib
 import hmac
 import json
 import os
-import shutil
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,33 +35,29 @@ from fastapi import Request  # module level: the endpoints' annotations must res
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from ragtune.bundle import Bundle
-
-MODEL_ID = "ragtune"
+from ragtune.config import Config
+from ragtune.engine import MODEL_ID
 STATIC = Path(__file__).parent / "static"
 
 
-@dataclass
-class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "transformers"  # or vllm
-    token_env: str | None = "RAGTUNE_API_TOKEN"
-    max_body_bytes: int = 64 * 1024
-    max_question_chars: int = 2000
-    max_concurrent: int = 2
-    max_waiting: int = 64
-    max_batch: int = 8
-    batch_wait_ms: float = 10.0
-    max_tokens_cap: int = 1024
-    torch_threads: int | None = None  # CPU threads for generation (1 is faster on a busy machine)
-    vllm: dict[str, Any] = field(default_factory=dict)
+class ServeConfig(Config):
+    """`serve` (conf/serve/default.yaml): the OpenAI-compatible server and web chat of `ragtune serve`."""
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None, **overrides: Any) -> ServeSettings:
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in (cfg or {}).items() if k in known}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    host: str = Field("127.0.0.1", description="bind address: loopback only; 0.0.0.0 deliberately, with a token")
+    port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="generation in process, or by a managed `vllm serve` (the `vllm` group)")
+    token_env: str | None = Field(
+        "RAGTUNE_API_TOKEN", description="when this variable is set, /v1/* needs `Authorization: Bearer <its value>`")
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    max_question_chars: int = Field(2000, ge=1, description="longer questions get 400")
+    max_concurrent: int = Field(2, ge=1, description="streaming generations at once")
+    max_batch: int = Field(8, ge=1, description="plain requests arriving together share one batched generate call")
+    batch_wait_ms: float = Field(10.0, ge=0, description="how long the first of them waits for company")
+    max_waiting: int = Field(64, ge=1, description="requests queued beyond that get 429")
+    max_tokens_cap: int = Field(1024, ge=1, description="upper bound on a request's max_tokens")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for generation (null: torch's choice; 1 is faster when other jobs share the cores)")
 
 
 # --------------------------------------------------------------------------- request schema
@@ -173,13 +166,13 @@ class Batcher:
 
 
 
-def create_app(bundle: Bundle, settings: ServeSettings | None = None):
+def create_app(bundle: Bundle, settings: ServeConfig | None = None):
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-    settings = settings or ServeSettings()
+    settings = settings or ServeConfig()
     app = FastAPI(title="ragtune", docs_url=None, redoc_url=None)
     slots = asyncio.Semaphore(max(1, settings.max_concurrent))
     batcher = Batcher(bundle, settings.max_batch, settings.batch_wait_ms / 1000)
@@ -378,48 +371,3 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-def vllm_command(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None, host: str = "127.0.0.1",
-                 port: int = 8001, executable: str = "vllm", extra_args: list[str] | None = None) -> list[str]:
-    """The `vllm serve` command for a bundle: the base model plus the adapter as LoRA module `ragtune`."""
-    cmd = [executable, "serve", str(base_dir), "--host", host, "--port", str(port),
-           "--served-model-name", f"{MODEL_ID}-base"]
-    if adapter_dir is not None:
-        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
-        cmd += ["--enable-lora", "--lora-modules", f"{MODEL_ID}={adapter_dir}", "--max-lora-rank", str(rank)]
-    return cmd + list(extra_args or [])
-
-
-def vllm_model_name(adapter_dir: str | os.PathLike | None) -> str:
-    return MODEL_ID if adapter_dir is not None else f"{MODEL_ID}-base"
-
-
-def start_vllm(bundle_dir: str | os.PathLike, cfg: dict[str, Any]) -> tuple[subprocess.Popen, Any]:
-    """Start vLLM for a bundle and return (process, OpenAIGenerator talking to it)."""
-    import httpx
-
-    from ragtune.bundle import MANIFEST, resolve_base
-    from ragtune.inference import OpenAIGenerator
-    from ragtune.io import read_json
-
-    bundle_dir = Path(bundle_dir)
-    manifest = read_json(bundle_dir / MANIFEST)
-    base = resolve_base(bundle_dir, manifest)
-    adapter = bundle_dir / manifest["adapter"] if manifest.get("adapter") else None
-    host, port = cfg.get("host", "127.0.0.1"), int(cfg.get("port", 8001))
-    executable = cfg.get("executable", "vllm")
-    if not shutil.which(executable):
-        raise FileNotFoundError(f"'{executable}' not found: install vLLM (GPU) or use serve.backend=transformers")
-    proc = subprocess.Popen(vllm_command(base, adapter, host, port, executable, cfg.get("extra_args")))
-    url = f"http://{host}:{port}/v1"
-    deadline = time.time() + float(cfg.get("startup_timeout", 600))
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm exited with code {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return proc, OpenAIGenerator(url, vllm_model_name(adapter))
-        time.sleep(2)
-    proc.terminate()
-    raise TimeoutError(f"vllm did not answer on {url} within the startup timeout")

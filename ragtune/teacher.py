@@ -20,8 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
+
+from ragtune.config import Config, UserError
 from ragtune.data import strip_calculator_notes
 from ragtune.io import DataError, iter_jsonl
 from ragtune.metrics import math_answer, normalize_number
@@ -30,7 +33,50 @@ from ragtune.prompts import alpaca_record, chat_messages, math_prompt
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-class TeacherConfigError(RuntimeError):
+# --------------------------------------------------------------------------- configuration
+
+
+class RationaleTeacherConfig(Config):
+    """`teacher=gsm8k_rationale`: offline, GSM8K's own rationale reshaped into <think>…</think> + \\boxed{N}."""
+
+    kind: Literal["rationale"] = Field(description="rationale: no model is called")
+    name: str = Field(description="recorded in distill's stats")
+
+
+class OpenAITeacherConfig(Config):
+    """`teacher=deepseek_r1` / `openai_compatible`: any OpenAI-compatible chat endpoint."""
+
+    kind: Literal["openai"] = Field(description="openai: called through the openai client")
+    name: str = Field(description="recorded in distill's stats")
+    base_url: str = Field(description="the endpoint, e.g. https://api.deepseek.com or http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model name the endpoint serves")
+    api_key_env: str | None = Field(description="environment variable holding the API key (null: none needed)")
+    system: str | None = Field(description="system prompt (null: none)")
+    temperature: float | None = Field(ge=0, le=2, description="sampling temperature (null: the server's default)")
+    top_p: float | None = Field(gt=0, le=1, description="nucleus sampling (null: the server's default)")
+    max_tokens: int | None = Field(gt=0, description="cap on each reply's tokens (null: the server's default)")
+    timeout: float = Field(gt=0, description="seconds per call")
+
+
+TeacherConfig = Annotated[RationaleTeacherConfig | OpenAITeacherConfig, Field(discriminator="kind")]
+
+
+class DistillConfig(Config):
+    """`distill` (conf/distill/default.yaml): the rounds, concurrency and retries of the distill loop."""
+
+    max_items: int | None = Field(None, gt=0, description="a seeded subset of GSM8K train (null: every question)")
+    max_rounds: int = Field(15, ge=1, description="rounds over the items not accepted yet")
+    concurrency: int = Field(8, ge=1, description="teacher calls in flight at once")
+    max_retries: int = Field(6, ge=0, description="retries per call on timeouts, 429, 5xx, lost connections, malformed replies")
+    backoff_base: float = Field(1.0, gt=0, description="seconds; doubles per retry (with jitter)")
+    backoff_max: float = Field(60.0, gt=0, description="cap on one backoff step, seconds")
+    max_retry_after: float = Field(300.0, ge=0, description="cap on a server's Retry-After, seconds (longer waits are cut and counted)")
+    min_accepted_share: float = Field(
+        0.5, ge=0, le=1, description="fail when calls failed and fewer than this share of the items were accepted")
+    progress: bool = Field(True, description="a tqdm bar per round")
+
+
+class TeacherConfigError(UserError, RuntimeError):
     """The teacher cannot work as configured (missing key, rejected key, unknown model): stop at once."""
 
 
@@ -103,8 +149,8 @@ class RationaleTeacher:
 
     remote = False
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.name = cfg.get("name", "gsm8k-rationale")
+    def __init__(self, cfg: RationaleTeacherConfig):
+        self.name = cfg.name
 
     def answer(self, item: Mapping[str, str]) -> str:
         thinking = strip_calculator_notes(item.get("rationale") or "").strip()
@@ -115,18 +161,17 @@ class OpenAITeacher:
     """Any OpenAI-compatible chat-completions server, called through the `openai` package."""
 
     remote = True
-    SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "presence_penalty", "frequency_penalty")
+    SAMPLING_KEYS = ("temperature", "top_p", "max_tokens")
 
-    def __init__(self, cfg: Mapping[str, Any], environ: Mapping[str, str] | None = None):
+    def __init__(self, cfg: OpenAITeacherConfig, environ: Mapping[str, str] | None = None):
         import openai
 
         environ = os.environ if environ is None else environ
-        self.name = cfg.get("name") or cfg["model"]
-        self.model = cfg["model"]
-        self.system = cfg.get("system")
-        self.sampling = {k: cfg[k] for k in self.SAMPLING_KEYS if cfg.get(k) is not None}
-        self.extra_body = dict(cfg.get("extra_body") or {})
-        key_env = cfg.get("api_key_env")
+        self.name = cfg.name
+        self.model = cfg.model
+        self.system = cfg.system
+        self.sampling = {k: getattr(cfg, k) for k in self.SAMPLING_KEYS if getattr(cfg, k) is not None}
+        key_env = cfg.api_key_env
         if key_env:
             api_key = environ.get(key_env)
             if not api_key:
@@ -137,7 +182,7 @@ class OpenAITeacher:
             api_key = "no-key"  # a local server that checks none; the client insists on some value
         # Retries are ours (counted, jittered, Retry-After honoured), so the client makes exactly one try.
         self.client = openai.OpenAI(
-            api_key=api_key, base_url=cfg["base_url"], timeout=float(cfg.get("timeout", 600)), max_retries=0
+            api_key=api_key, base_url=cfg.base_url, timeout=cfg.timeout, max_retries=0
         )
 
     def messages(self, item: Mapping[str, str]) -> list[dict[str, str]]:
@@ -149,7 +194,7 @@ class OpenAITeacher:
 
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=messages, extra_body=self.extra_body or None, **self.sampling
+                model=self.model, messages=messages, **self.sampling
             )
         except openai.APITimeoutError:
             raise TransientError("timeout") from None
@@ -215,13 +260,10 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def make_teacher(cfg: Mapping[str, Any], environ: Mapping[str, str] | None = None):
-    kind = cfg.get("kind")
-    if kind == "rationale":
+def make_teacher(cfg: RationaleTeacherConfig | OpenAITeacherConfig, environ: Mapping[str, str] | None = None):
+    if isinstance(cfg, RationaleTeacherConfig):
         return RationaleTeacher(cfg)
-    if kind == "openai":
-        return OpenAITeacher(cfg, environ)
-    raise TeacherConfigError(f"unknown teacher kind {kind!r} (expected 'rationale' or 'openai')")
+    return OpenAITeacher(cfg, environ)
 
 
 # --------------------------------------------------------------------------- response cache
@@ -302,15 +344,22 @@ class ResponseCache:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 6
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    """How calls are retried (built from DistillConfig, which holds the defaults)."""
+
+    max_retries: int
+    backoff_base: float
+    backoff_max: float
+    max_retry_after: float
+
+    def capped(self, retry_after: float | None) -> float | None:
+        """A server's Retry-After, at most `max_retry_after` (`Retry-After: 100000` must not stall a run for a day)."""
+        return None if retry_after is None else min(retry_after, self.max_retry_after)
 
     def delay(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
-        """Exponential backoff with 'equal' jitter (never below half the step); Retry-After wins if longer."""
+        """Exponential backoff with 'equal' jitter (never below half the step); Retry-After (capped) wins if longer."""
         step = min(self.backoff_max, self.backoff_base * (2**retry))
         jittered = step / 2 + rng.uniform(0, step / 2)
-        return max(jittered, retry_after or 0.0)
+        return max(jittered, self.capped(retry_after) or 0.0)
 
 
 @dataclass
@@ -342,11 +391,11 @@ class Distiller:
         teacher,
         cache: ResponseCache | None,
         *,
-        max_rounds: int = 15,
-        concurrency: int = 8,
-        retry: RetryPolicy = RetryPolicy(),
-        progress: bool = True,
-        seed: int = 0,
+        max_rounds: int,
+        concurrency: int,
+        retry: RetryPolicy,
+        seed: int,
+        progress: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ):
         if teacher.remote and cache is None:
@@ -377,8 +426,11 @@ class Distiller:
                 with self._rng_lock:
                     delay = self.retry.delay(retry, err.retry_after, self._rng)
                 if err.retry_after:
+                    if err.retry_after > self.retry.max_retry_after:
+                        outcome.errors["retry_after_capped"] += 1
                     with self._pause_lock:
-                        self._not_before = max(self._not_before, time.monotonic() + err.retry_after)
+                        pause = time.monotonic() + self.retry.capped(err.retry_after)
+                        self._not_before = max(self._not_before, pause)
                 outcome.retries += 1
                 self.sleep(delay)
             except CallFailed as err:
@@ -499,9 +551,30 @@ def alpaca_rows(result: DistillResult) -> list[dict[str, str]]:
     return [alpaca_record(math_prompt(item["question"]), output) for item, output in result.accepted]
 
 
-def retry_policy(cfg: Mapping[str, Any]) -> RetryPolicy:
-    return RetryPolicy(
-        max_retries=int(cfg.get("max_retries", 6)),
-        backoff_base=float(cfg.get("backoff_base", 1.0)),
-        backoff_max=float(cfg.get("backoff_max", 60.0)),
-    )
+def retry_policy(cfg: DistillConfig) -> RetryPolicy:
+    return RetryPolicy(max_retries=cfg.max_retries, backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max,
+                       max_retry_after=cfg.max_retry_after)
+
+
+class DistillFailed(UserError):
+    """Too little was distilled because teacher calls failed: sft must not quietly train without maths."""
+
+
+def check_enough_accepted(stats: Mapping[str, Any], min_accepted_share: float) -> None:
+    """Raise DistillFailed when nothing was accepted, or when calls failed and fewer than
+    `min_accepted_share` of the items were accepted; the message names the commonest errors."""
+    items, accepted = stats["items"], stats["accepted"]
+    if not items:
+        return
+    share = accepted / items
+    if accepted and (share >= min_accepted_share or not stats["failed_calls"]):
+        return
+    errors = sorted(stats["errors"].items(), key=lambda kv: -kv[1])[:3]
+    rejected = sorted(stats["rejected"].items(), key=lambda kv: -kv[1])[:3]
+    cause = ", ".join(f"{n} × {k}" for k, n in errors) or "no call failed"
+    if rejected:
+        cause += "; answers rejected: " + ", ".join(f"{n} × {k}" for k, n in rejected)
+    raise DistillFailed(
+        f"only {accepted} of {items} items accepted ({share:.0%}, distill.min_accepted_share is "
+        f"{min_accepted_share:.0%}); {stats['failed_calls']} calls failed for good: {cause}. "
+        f"Check the teacher (teacher.base_url, teacher.model) and rerun: answered calls are cached")

@@ -11,8 +11,11 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
+from ragtune.config import Config
 from ragtune.data import seeded_sample
 from ragtune.io import DataError, read_json, require, sha256_file
 from ragtune.prompts import alpaca_user_text, apply_chat_template, chat_messages
@@ -20,6 +23,57 @@ from ragtune.prompts import alpaca_user_text, apply_chat_template, chat_messages
 IGNORE_INDEX = -100  # label value the loss skips
 FINGERPRINT_FILE = "ragtune_fingerprint.json"
 SOURCES = ("cmrc", "distilled")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class LoraSettings(Config):
+    """The LoRA adapter's shape (peft's LoraConfig)."""
+
+    r: int = Field(16, ge=1, description="rank of the update matrices")
+    alpha: float = Field(32, gt=0, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+
+
+class MixShares(Config):
+    """Shares of the training sample per source; a source short of its share gives all it has."""
+
+    cmrc: float = Field(0.8, ge=0, description="CMRC reading records (data/prepared/cmrc_sft_train.json)")
+    distilled: float = Field(0.2, ge=0, description="distilled maths chain-of-thought records (data/distill)")
+
+
+class SftConfig(Config):
+    """`sft` (conf/sft/default.yaml): the LoRA fine-tune of the generator. The learning rate is the
+    top-level `lr`, the target modules `model.lora_targets`, the precision the top-level `dtype`."""
+
+    launcher: Literal["python", "accelerate"] = Field(
+        "python", description="python, or accelerate: the stage re-runs itself under `accelerate launch`")
+    accelerate_config: str = Field("conf/accelerate/multi_gpu.yaml", description="accelerate's config file (launcher=accelerate)")
+    mix: MixShares = Field(MixShares(), description="shares of the training sample per source")
+    max_samples: int | None = Field(20000, gt=0, description="seeded sample of the mix (null: everything)")
+    val_size: float = Field(0.01, ge=0, description="held out for eval loss: a fraction (< 1) or a count")
+    cutoff_len: int = Field(5120, ge=16, description="tokens per example; the prompt's middle is cut, never the answer")
+    epochs: float = Field(2, gt=0, description="passes over the training records")
+    max_steps: int | None = Field(None, gt=0, description="caps the run (smoke tests); null: epochs decide")
+    batch_size: int = Field(2, ge=1, description="examples per device per step")
+    eval_batch_size: int = Field(8, ge=1, description="examples per device per eval step")
+    grad_accum: int = Field(8, ge=1, description="steps whose gradients are summed before an update")
+    warmup: float = Field(0.03, ge=0, description="warmup: a fraction of the steps (< 1) or a count")
+    scheduler: str = Field("cosine", description="transformers' lr_scheduler_type")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    group_by_length: bool = Field(True, description="batches of similar length: less padding")
+    logging_steps: int = Field(5, ge=1, description="steps between logged losses")
+    eval_steps: int = Field(100, ge=1, description="steps between eval losses")
+    save_steps: int = Field(100, ge=1, description="steps between checkpoints in models/sft/checkpoints (resumed after a crash)")
+    lora: LoraSettings = Field(LoraSettings(), description="the adapter's shape")
+
+    @model_validator(mode="after")
+    def _some_source(self) -> SftConfig:
+        if self.mix.cmrc + self.mix.distilled <= 0:
+            raise ValueError("mix: every share is 0")
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -43,7 +97,7 @@ def read_alpaca(path: str | os.PathLike, required: bool = True) -> list[dict[str
 
 
 def mix_sources(
-    sources: Mapping[str, Sequence[dict]], weights: Mapping[str, float], total: int | None, seed: int
+    sources: Mapping[str, Sequence[dict]], weights: Mapping[str, float], *, total: int | None, seed: int
 ) -> tuple[list[dict], dict[str, int]]:
     """A seeded sample of `total` records (all, when None) where each source gets its weight's share.
 
@@ -168,74 +222,69 @@ def reset_if_stale(checkpoint_dir: str | os.PathLike, fp: str, print_fn=print) -
     marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
 
 
-def lora_config(cfg: Mapping[str, Any], targets: str | Sequence[str]):
+def lora_config(cfg: LoraSettings, targets: str | Sequence[str]):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg["r"],
-        lora_alpha=cfg["alpha"],
-        lora_dropout=cfg["dropout"],
-        target_modules=targets if isinstance(targets, str) else list(targets),
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets if isinstance(targets, str) else sorted(targets),
         task_type="CAUSAL_LM",
     )
 
 
-def training_arguments(cfg: Mapping[str, Any], lr: float, seed: int, output_dir: str | os.PathLike, has_eval: bool):
-    import torch
+def training_arguments(cfg: SftConfig, *, lr: float, seed: int, output_dir: str | os.PathLike, has_eval: bool,
+                       device: str, dtype: str):
+    """Trainer settings: weights stay fp32, `dtype` bfloat16/float16 turns on autocast."""
     from transformers import TrainingArguments
 
-    bf16 = bool(cfg.get("bf16")) and (torch.cuda.is_available() or _cpu_has_bf16())
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=lr,
-        num_train_epochs=cfg["epochs"],
-        max_steps=cfg.get("max_steps") or -1,
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg.get("eval_batch_size") or cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"],
-        lr_scheduler_type=cfg.get("scheduler", "cosine"),
-        warmup_steps=cfg["warmup"],
-        weight_decay=cfg.get("weight_decay", 0.0),
-        max_grad_norm=cfg.get("max_grad_norm", 1.0),
-        bf16=bf16,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
         seed=seed,
         data_seed=seed,
-        logging_steps=cfg["logging_steps"],
+        logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg["eval_steps"],
+        eval_steps=cfg.eval_steps,
         save_strategy="steps",
-        save_steps=cfg["save_steps"],
+        save_steps=cfg.save_steps,
         save_total_limit=2,
-        train_sampling_strategy="group_by_length" if cfg.get("group_by_length", True) else "random",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         report_to="none",  # MLflow is logged by the stage itself, into its one run
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
     )
 
 
-def _cpu_has_bf16() -> bool:
-    """AVX512-BF16/AMX: bf16 autocast is fast; without them it is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def train_lora(
+    *,
     base_model_dir: str | os.PathLike,
     train_records: Sequence[Mapping[str, Any]],
     val_records: Sequence[Mapping[str, Any]],
-    cfg: Mapping[str, Any],
+    cfg: SftConfig,
     lr: float,
     seed: int,
     lora_targets: str | Sequence[str],
     checkpoint_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike | None,
-    fp: str = "",
+    run_fingerprint: str,
+    device: str = "cpu",
+    dtype: str = "float32",
     print_fn=print,
 ) -> dict[str, Any]:
     """Train a LoRA adapter, resuming from `checkpoint_dir` when it holds checkpoints of the same
@@ -251,19 +300,20 @@ def train_lora(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    train_features, dropped_train = encode_all(tokenizer, train_records, cfg["cutoff_len"])
-    val_features, dropped_val = encode_all(tokenizer, val_records, cfg["cutoff_len"])
+    train_features, dropped_train = encode_all(tokenizer, train_records, cfg.cutoff_len)
+    val_features, dropped_val = encode_all(tokenizer, val_records, cfg.cutoff_len)
     if not train_features:
-        raise DataError(f"no training record fits cutoff_len={cfg['cutoff_len']}")
+        raise DataError(f"no training record fits cutoff_len={cfg.cutoff_len}")
 
     model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
-    model = get_peft_model(model, lora_config(cfg["lora"], lora_targets))
+    model = get_peft_model(model, lora_config(cfg.lora, lora_targets))
     trainable, total = model.get_nb_trainable_parameters()
 
     if int(os.environ.get("RANK", "0")) == 0:  # one process manages the folder
-        reset_if_stale(checkpoint_dir, fp, print_fn)
+        reset_if_stale(checkpoint_dir, run_fingerprint, print_fn)
     resume = last_checkpoint(checkpoint_dir, print_fn)
-    args = training_arguments(cfg, lr, seed, checkpoint_dir, has_eval=bool(val_features))
+    args = training_arguments(cfg, lr=lr, seed=seed, output_dir=checkpoint_dir, has_eval=bool(val_features),
+                              device=device, dtype=dtype)
     trainer = Trainer(
         model=model,
         args=args,

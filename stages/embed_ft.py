@@ -6,8 +6,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ragtune.config import load_params
+from ragtune.config import read_params, run_stage, stage_parser
+from ragtune.devices import resolve_device
 from ragtune.embedding import (
+    EmbedFtConfig,
     evaluate,
     extend_cjk_vocabulary,
     fine_tune,
@@ -16,7 +18,8 @@ from ragtune.embedding import (
     unknown_fraction,
 )
 from ragtune.io import atomic_dir, write_json
-from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, load_embedder, read_kb
+from ragtune.models import EmbedderConfig
+from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, RetrievalConfig, load_embedder, read_kb
 from ragtune.tracking import stage_run
 
 PREPARED = Path("data/prepared")
@@ -42,44 +45,48 @@ def mlflow_name(name: str) -> str:
 
 
 def main() -> None:
-    params = load_params()
-    cfg, seed = params["embed_ft"], params["seed"]
-    query_prompt = params["embedder"].get("query_prompt") or ""
-    stopwords = params["retrieval"].get("stopwords") or ()
-    eval_cfg = cfg["eval"]
-    logged = {"seed": seed, "embed_ft": cfg, "embedder": {"query_prompt": query_prompt}}
+    params = read_params(stage_parser(__doc__).parse_args().params)
+    cfg, common = params.group("embed_ft", EmbedFtConfig), params.common()
+    seed, device = common.seed, resolve_device(common.device)
+    query_prompt = params.group("embedder", EmbedderConfig).query_prompt
+    retrieval = params.group("retrieval", RetrievalConfig)
+    eval_cfg = cfg.eval
+    logged = {"seed": seed, "device": device, "embed_ft": cfg.model_dump(), "embedder": {"query_prompt": query_prompt},
+              "retrieval": retrieval.model_dump()}
     with stage_run("embed_ft", logged) as mlflow:
         start = time.time()
-        rows = load_triples(PREPARED / "embed_train.jsonl", cfg.get("max_samples"), seed)
-        eval_rows = load_retrieval_eval(PREPARED / "retrieval_eval.jsonl", eval_cfg.get("max_queries"), seed)
+        rows = load_triples(PREPARED / "embed_train.jsonl", cfg.max_samples, seed)
+        eval_rows = load_retrieval_eval(PREPARED / "retrieval_eval.jsonl", eval_cfg.max_queries, seed)
         kb_ids, kb_texts = read_kb(PREPARED / "kb.jsonl")
-        kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, eval_cfg.get("max_chunks"), seed)
-        score = {"cutoff": eval_cfg["cutoff"], "ks": tuple(eval_cfg["ks"])}
+        kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, eval_cfg.max_chunks, seed)
+        score = {"cutoff": eval_cfg.cutoff, "ks": tuple(eval_cfg.ks)}
 
-        bm25 = BM25Index(kb_ids, kb_texts, stopwords)
+        bm25 = BM25Index(kb_ids, kb_texts, retrieval.stopwords)
         results = {"bm25": evaluate(bm25, eval_rows, **score)}
 
-        base_model = load_embedder(BASE)
-        base_model.max_seq_length = int(cfg["max_seq_length"])
+        base_model = load_embedder(BASE, device)
+        base_model.max_seq_length = cfg.max_seq_length
         unk_base = unknown_fraction(base_model, kb_texts[:500])
         base_index = DenseIndex(kb_ids, kb_texts, base_model, query_prompt)
         results["base"] = evaluate(base_index, eval_rows, **score)
         del base_index, base_model
 
-        model = load_embedder(BASE)
+        model = load_embedder(BASE, device)
         added = 0
-        if cfg.get("extend_vocab"):
+        if cfg.extend_vocab:
             corpus = [r["query"] for r in rows] + [t for r in rows for t in r["pos"] + r["neg"]] + kb_texts
-            added = extend_cjk_vocabulary(model, corpus, int(cfg.get("vocab_min_count", 2)))
+            added = extend_cjk_vocabulary(model, corpus, cfg.vocab_min_count)
         unk_tuned = unknown_fraction(model, kb_texts[:500])
         with tempfile.TemporaryDirectory(prefix="embed_ft.") as work:
-            summary = fine_tune(model, rows, cfg, work, seed)
+            summary = fine_tune(model, rows, cfg, work_dir=work, seed=seed, device=device)
         for entry in summary.pop("log_history"):
             if "loss" in entry:
                 mlflow.log_metric("train_loss", float(entry["loss"]), step=int(entry["step"]))
         tuned_index = DenseIndex(kb_ids, kb_texts, model, query_prompt)
         results["tuned"] = evaluate(tuned_index, eval_rows, **score)
-        results["hybrid_bm25_tuned"] = evaluate(HybridIndex([bm25, tuned_index]), eval_rows, **score)
+        hybrid = HybridIndex([bm25, tuned_index], [retrieval.bm25_weight, retrieval.dense_weight],
+                             retrieval.rrf_k, retrieval.candidates)
+        results["hybrid_bm25_tuned"] = evaluate(hybrid, eval_rows, **score)
 
         with atomic_dir(OUT) as tmp:
             model.save(str(tmp))
@@ -98,10 +105,10 @@ def main() -> None:
         flat |= {"lift_hit_at_1": report["lift_hit@1"], "train_seconds": summary["seconds"],
                  "added_cjk_tokens": added, "unk_fraction_tuned": unk_tuned, "seconds": report["seconds"]}
         mlflow.log_metrics(flat)
-        if cfg.get("log_model"):
+        if cfg.log_model:
             # log_artifacts has no `name=` (that is log_model's); the folder lands under embed_ft_model/.
             mlflow.log_artifacts(str(OUT), artifact_path="embed_ft_model")
         print(json.dumps({k: v for k, v in report.items() if k != "train"} | {"train": summary}, ensure_ascii=False))
 
 if __name__ == "__main__":
-    main()
+    run_stage("embed_ft", main)

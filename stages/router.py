@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from ragtune.config import load_params
+from ragtune.config import read_params, run_stage, stage_parser
 from ragtune.io import write_json
-from ragtune.router import build_router, evaluate_router
+from ragtune.router import RouterConfig, build_router, evaluate_router
 from ragtune.tracking import stage_run
 
 PREPARED = Path("data/prepared")
@@ -14,9 +14,9 @@ METRICS = Path("reports/router/metrics.json")
 
 
 def main() -> None:
-    params = load_params()
-    cfg, seed = params["router"], params["seed"]
-    with stage_run("router", {"router": cfg, "seed": seed}) as mlflow:
+    params = read_params(stage_parser(__doc__).parse_args().params)
+    cfg, seed = params.group("router", RouterConfig), params.common().seed
+    with stage_run("router", {"router": cfg.model_dump(), "seed": seed}) as mlflow:
         router, info = build_router(cfg, PREPARED, seed)
         metrics = evaluate_router(router, PREPARED)
         router.save(OUT, {"seed": seed, **info})
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("router", main)

@@ -3,20 +3,25 @@
 import json
 from pathlib import Path
 
-from ragtune.config import load_params
-from ragtune.data import prepare
+from ragtune.config import read_params, run_stage, stage_parser
+from ragtune.data import SplitConfig, prepare
+from ragtune.sources import DataConfig
 from ragtune.io import atomic_dir
+from ragtune.models import EmbedderConfig
+from ragtune.retrieval import RetrievalConfig
 from ragtune.tracking import stage_run
 
+RAW = Path("data/raw")
 OUT = Path("data/prepared")
 
 
 def main() -> None:
-    params = load_params()
-    with stage_run("split", {"seed": params["seed"], "split": params["split"]}) as mlflow:
-        outputs, stats = prepare(
-            Path("data/raw"), params["data"], params["split"], params["embedder"]["query_prompt"], params["seed"]
-        )
+    params = read_params(stage_parser(__doc__).parse_args().params)
+    split, data, seed = params.group("split", SplitConfig), params.group("data", DataConfig), params.common().seed
+    stopwords = params.group("retrieval", RetrievalConfig).stopwords
+    query_prompt = params.group("embedder", EmbedderConfig).query_prompt
+    with stage_run("split", {"seed": seed, "split": split.model_dump()}) as mlflow:
+        outputs, stats = prepare(RAW, data=data, split=split, stopwords=stopwords, query_prompt=query_prompt, seed=seed)
         # Everything lands together or not at all: a failure leaves no partial outputs.
         with atomic_dir(OUT) as tmp:
             for name, rows in outputs.items():
@@ -26,10 +31,10 @@ def main() -> None:
                     else:
                         json.dump(rows, fh, ensure_ascii=False, indent=1)
             (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
-        summary = {k: v for k, v in stats["cmrc"].items()} | {"embed_triples": stats["embed_triples"]}
+        summary = dict(stats["cmrc"]) | {"embed_triples": stats["embed_triples"]}
         mlflow.log_metrics({f"cmrc.{k}" if k != "embed_triples" else k: v for k, v in summary.items()})
         print(json.dumps({k: v for k, v in stats.items() if k not in ("repairs", "drops")}, ensure_ascii=False))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("split", main)

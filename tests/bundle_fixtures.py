@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragtune.bundle import build_bundle
+from ragtune.bundle import AnswerSettings, build_bundle
 from ragtune.data import Report, load_cmrc, load_gsm8k, seeded_sample
 from ragtune.router import MATHS, READING, ClassifierRouter, synthetic_questions
 
 READING_QUESTION = "《战国无双3》是由哪两个公司合作开发的？"
 MATHS_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
-TINY_ANSWER = {"max_new_tokens_maths": 6, "max_new_tokens_reading": 6, "top_k": 3}
+TINY_ANSWER = AnswerSettings(max_new_tokens_maths=6, max_new_tokens_reading=6, top_k=3, unknown_route="reading")
 
 
 def small_kb(mirror: Path, out: Path, articles: int = 12) -> Path:
@@ -29,7 +29,7 @@ def small_router(mirror: Path, out: Path) -> Path:
     gsm = [r["question"] for r in load_gsm8k(mirror / "gsm8k" / "train.jsonl", "train")]
     cmrc = [q.question for a in load_cmrc(mirror / "cmrc2018" / "cmrc2018_dev.json", Report()) for q in a.questions]
     pairs = [(q, MATHS) for q in seeded_sample(gsm, 400, 0)] + [(q, READING) for q in seeded_sample(cmrc, 400, 0)]
-    ClassifierRouter.fit(pairs + synthetic_questions(200, seed=0), seed=0).save(out)
+    ClassifierRouter.fit(pairs + synthetic_questions(200, seed=0), seed=0, ngram_max=4, c=10.0).save(out)
     return out
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ragtune.config import read_params
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # Never part of a project copy: environments, DVC's cache and every pipeline output.
@@ -64,12 +66,12 @@ def base_generator(tmp_path_factory) -> Path:
     """models/base/generator as fetch builds it, converted once per test session."""
     import yaml
 
-    from ragtune.models import materialize_generator
+    from ragtune.models import ModelConfig, materialize_generator
 
     existing = ROOT / "models" / "base" / "generator"
     if (existing / "config.json").exists():
         return existing
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / "smollm2_135m.yaml").read_text())
+    cfg = ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / "smollm2_135m.yaml").read_text()))
     out = tmp_path_factory.mktemp("base") / "generator"
     materialize_generator(cfg, out)
     return out
@@ -80,17 +82,17 @@ def prepared_dir(mirror, tmp_path_factory) -> Path:
     """data/prepared as split builds it: the workspace's, else built once from the mirror."""
     import json
 
-    import yaml
-
-    from ragtune.data import fetch_datasets, prepare
+    from ragtune.data import SplitConfig, prepare
+    from ragtune.sources import DataConfig, fetch_datasets
 
     existing = ROOT / "data" / "prepared"
     if (existing / "cmrc_eval.jsonl").exists():
         return existing
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_params(ROOT / "params.yaml")
+    data = params.group("data", DataConfig)
     raw = tmp_path_factory.mktemp("raw")
-    fetch_datasets(params["data"]["datasets"], raw, mirror)
-    outputs, _ = prepare(raw, params["data"], params["split"], params["embedder"]["query_prompt"], params["seed"])
+    fetch_datasets(data.datasets, raw, mirror)
+    outputs, _ = prepare(raw, data=data, split=params.group("split", SplitConfig), seed=params.common().seed)
     out = tmp_path_factory.mktemp("prepared")
     for name, rows in outputs.items():
         with open(out / name, "w", encoding="utf-8") as fh:

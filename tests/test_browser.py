@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ragtune.bundle import Bundle
-from ragtune.serve import ServeSettings, create_app, serve_in_thread
+from ragtune.serve import ServeConfig, create_app, serve_in_thread
 from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, build_small_bundle
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not
 @pytest.fixture(scope="module")
 def server(mirror, base_generator, tmp_path_factory):
     bundle = Bundle.load(build_small_bundle(mirror, base_generator, tmp_path_factory.mktemp("browser")))
-    with serve_in_thread(create_app(bundle, ServeSettings(token_env=None))) as url:
+    with serve_in_thread(create_app(bundle, ServeConfig(token_env=None))) as url:
         yield url
 
 

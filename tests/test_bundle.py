@@ -8,7 +8,7 @@ import pytest
 
 from ragtune.bundle import BASE_ENV, Bundle, build_bundle
 from ragtune.io import DataError
-from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, build_small_bundle
+from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, TINY_ANSWER, build_small_bundle
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,10 @@ def test_bad_inputs_name_the_file(tmp_path, base_generator, bundle_dir):
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"chunk_id": "a", "text": "x"}\n{"chunk_id": "a", "text": "y"}\n')
     with pytest.raises(DataError, match="kb.jsonl:2: chunk_id 'a' repeated"):
-        build_bundle(tmp_path / "b", kb, base_generator, bundle_dir / "router")
+        build_bundle(tmp_path / "b", kb, base_generator, bundle_dir / "router", answer=TINY_ANSWER)
     assert not (tmp_path / "b").exists()
     with pytest.raises(DataError, match="not a peft adapter"):
-        build_bundle(tmp_path / "b", kb, base_generator, bundle_dir / "router", adapter_dir=tmp_path)
+        build_bundle(tmp_path / "b", kb, base_generator, bundle_dir / "router", adapter_dir=tmp_path, answer=TINY_ANSWER)
 
 
 def test_pyfunc_model_loads_and_predicts(bundle_dir, base_generator, tmp_path):

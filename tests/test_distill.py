@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from ragtune.prompts import math_prompt
-from ragtune.teacher import Distiller, ResponseCache, RetryPolicy, TeacherConfigError, alpaca_rows, make_teacher
+from ragtune.teacher import (
+    Distiller,
+    OpenAITeacherConfig,
+    ResponseCache,
+    RetryPolicy,
+    TeacherConfigError,
+    alpaca_rows,
+    make_teacher,
+)
 from tests.conftest import ROOT, project_env
 from tests.loopback_teacher import Answer, Hang, LoopbackTeacher, Malformed, Status, by_question
 
@@ -31,12 +39,12 @@ def wrong(item, **kw) -> Answer:
     return Answer("So the total is \\boxed{-1}.", reasoning="Subtract.", **kw)
 
 
-def teacher_cfg(base_url: str, timeout: float = 5.0) -> dict:
-    return {"kind": "openai", "name": "loopback", "base_url": base_url, "model": "loopback",
-            "api_key_env": KEY_ENV, "temperature": 0.6, "max_tokens": 64, "timeout": timeout}
+def teacher_cfg(base_url: str, timeout: float = 5.0, model: str = "loopback") -> OpenAITeacherConfig:
+    return OpenAITeacherConfig(kind="openai", name="loopback", base_url=base_url, model=model, api_key_env=KEY_ENV,
+                               system=None, temperature=0.6, top_p=None, max_tokens=64, timeout=timeout)
 
 
-FAST_RETRY = RetryPolicy(max_retries=3, backoff_base=0.05, backoff_max=0.2)
+FAST_RETRY = RetryPolicy(max_retries=3, backoff_base=0.05, backoff_max=0.2, max_retry_after=5.0)
 
 
 def test_faults_rounds_concurrency_and_a_rerun_that_calls_nothing(tmp_path, monkeypatch):
@@ -61,7 +69,7 @@ def test_faults_rounds_concurrency_and_a_rerun_that_calls_nothing(tmp_path, monk
     with LoopbackTeacher(by_question(script)) as server:
         teacher = make_teacher(teacher_cfg(server.base_url, timeout=0.5))
         with ResponseCache(tmp_path / "cache.jsonl") as cache:
-            result = Distiller(teacher, cache, max_rounds=4, concurrency=3, retry=FAST_RETRY, progress=False).run(items)
+            result = Distiller(teacher, cache, max_rounds=4, concurrency=3, retry=FAST_RETRY, seed=0).run(items)
         calls = server.calls_by_user()
         max_in_flight = server.max_in_flight
         first_429 = [c for c in server.calls if c["user"] == q[1]]
@@ -89,7 +97,7 @@ def test_faults_rounds_concurrency_and_a_rerun_that_calls_nothing(tmp_path, monk
     with LoopbackTeacher(by_question(script)) as server:
         teacher = make_teacher(teacher_cfg(server.base_url, timeout=0.5))
         with ResponseCache(tmp_path / "cache.jsonl") as cache:
-            again = Distiller(teacher, cache, max_rounds=4, concurrency=3, retry=FAST_RETRY, progress=False).run(items)
+            again = Distiller(teacher, cache, max_rounds=4, concurrency=3, retry=FAST_RETRY, seed=0).run(items)
         assert set(server.calls_by_user()) == {q[7]}
     assert alpaca_rows(again) == rows
     # q8's 400 cost no attempt, so its round-2 answer (attempt 0) is replayed in round 1 now
@@ -104,7 +112,7 @@ def test_a_rejected_key_stops_the_run_without_showing_it(tmp_path, monkeypatch):
     with LoopbackTeacher(lambda request, n: Status(401, latency=0.05)) as server:
         teacher = make_teacher(teacher_cfg(server.base_url))
         with ResponseCache(tmp_path / "cache.jsonl") as cache, pytest.raises(TeacherConfigError) as err:
-            Distiller(teacher, cache, concurrency=2, retry=FAST_RETRY, progress=False).run(items)
+            Distiller(teacher, cache, max_rounds=1, concurrency=2, retry=FAST_RETRY, seed=0).run(items)
         assert len(server.calls) < len(items)  # the queued calls were cancelled
     assert KEY not in str(err.value) and "401" in str(err.value)
 
@@ -124,13 +132,15 @@ def _cached_attempts(path: Path) -> dict[str, int]:
 LOOP_SCRIPT = """
 import json, sys
 from ragtune.io import read_jsonl
-from ragtune.teacher import Distiller, ResponseCache, alpaca_rows, make_teacher, retry_policy
+from ragtune.config import validate
+from ragtune.teacher import (DistillConfig, Distiller, ResponseCache, TeacherConfig, alpaca_rows, make_teacher,
+                             retry_policy)
 params = json.load(open("params.json"))
 items = read_jsonl("data/prepared/gsm8k_train.jsonl")
 with ResponseCache("data/distill/cache.jsonl") as cache:
-    cfg = params["distill"]
-    result = Distiller(make_teacher(params["teacher"]), cache, max_rounds=cfg["max_rounds"],
-                       concurrency=cfg["concurrency"], retry=retry_policy(cfg), progress=False).run(items)
+    cfg = DistillConfig(**params["distill"])
+    result = Distiller(make_teacher(validate(TeacherConfig, params["teacher"])), cache, max_rounds=cfg.max_rounds,
+                       concurrency=cfg.concurrency, retry=retry_policy(cfg), seed=0).run(items)
 print(json.dumps({"stats": result.stats, "distilled": alpaca_rows(result), "left": result.left}))
 """
 
@@ -179,7 +189,7 @@ def test_kill_9_mid_round_then_rerun_repeats_no_answered_call(tmp_path, runner):
             "seed": 1,
             "distill": {"max_items": None, "max_rounds": rounds, "concurrency": 4, "max_retries": 2,
                         "backoff_base": 0.05, "backoff_max": 0.2, "progress": False},
-            "teacher": teacher_cfg(server.base_url),
+            "teacher": teacher_cfg(server.base_url).model_dump(),
         }
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         (tmp_path / "params.json").write_text(json.dumps(params))
@@ -224,17 +234,16 @@ def test_ragtune_serve_as_teacher(tmp_path, mirror, base_generator, monkeypatch)
     """ragtune's own OpenAI-compatible server (the real base generator in a small bundle) as the teacher:
     the loop completes and accepts whatever it gets right (a 135M model answering in 6 tokens: nothing)."""
     from ragtune.bundle import Bundle
-    from ragtune.serve import MODEL_ID, ServeSettings, create_app, serve_in_thread
+    from ragtune.serve import MODEL_ID, ServeConfig, create_app, serve_in_thread
     from tests.bundle_fixtures import build_small_bundle
 
     bundle = Bundle.load(build_small_bundle(mirror, base_generator, tmp_path / "bundle"))
     items = make_items(3)
     monkeypatch.setenv(KEY_ENV, KEY)
-    with serve_in_thread(create_app(bundle, ServeSettings())) as url:
-        cfg = teacher_cfg(f"{url}/v1", timeout=120) | {"model": MODEL_ID}
+    with serve_in_thread(create_app(bundle, ServeConfig())) as url:
+        cfg = teacher_cfg(f"{url}/v1", timeout=120, model=MODEL_ID)
         with ResponseCache(tmp_path / "cache.jsonl") as cache:
-            result = Distiller(make_teacher(cfg), cache, max_rounds=2, concurrency=2, retry=FAST_RETRY,
-                               progress=False).run(items)
+            result = Distiller(make_teacher(cfg), cache, max_rounds=2, concurrency=2, retry=FAST_RETRY, seed=0).run(items)
     stats = result.stats
     assert stats["accepted"] + stats["left"] == 3 and len(result.left) == stats["left"]
     assert stats["failed_calls"] == 0 and stats["errors"] == {}

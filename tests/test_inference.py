@@ -104,7 +104,7 @@ def test_openai_backend_keeps_order_and_decodes_greedily(chat_server, monkeypatc
     monkeypatch.setenv("RAGTUNE_TEST_KEY", "sk-test")
     gen = load_generator(
         {"backend": "openai", "base_url": chat_server, "model": "m", "api_key_env": "RAGTUNE_TEST_KEY",
-         "max_concurrency": 3, "system": "be brief"}
+         "max_concurrency": 3, "system": "be brief", "timeout": 30}
     )
     assert isinstance(gen, OpenAIGenerator)
     texts = [f"question {i}" for i in range(7)]

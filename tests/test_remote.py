@@ -39,21 +39,21 @@ def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
     project = copy_project(tmp_path / "project")
     # Upstream outputs as the pipeline leaves them (copied, not rebuilt).
     # (built here when this checkout has not run fetch, as in a fresh clone)
-    import yaml
 
-    from ragtune.data import fetch_datasets
-    from ragtune.models import materialize_embedder
+    from ragtune.config import read_params
+    from ragtune.models import EmbedderConfig, materialize_embedder
+    from ragtune.sources import DataConfig, fetch_datasets
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = read_params(project / "params.yaml")
     if (ROOT / "data" / "raw").exists():
         shutil.copytree(ROOT / "data" / "raw", project / "data" / "raw")
     else:
-        fetch_datasets(params["data"]["datasets"], project / "data" / "raw", mirror)
+        fetch_datasets(params.group("data", DataConfig).datasets, project / "data" / "raw", mirror)
     shutil.copytree(base_generator, project / "models" / "base" / "generator")
     if (ROOT / "models" / "base" / "embedder").exists():
         shutil.copytree(ROOT / "models" / "base" / "embedder", project / "models" / "base" / "embedder")
     else:
-        materialize_embedder(params["embedder"], project / "models" / "base" / "embedder")
+        materialize_embedder(params.group("embedder", EmbedderConfig), project / "models" / "base" / "embedder")
     (project / "data" / "prepared").mkdir(parents=True)
     small_kb(mirror, project / "data" / "prepared" / "kb.jsonl")
     small_router(mirror, project / "models" / "router")

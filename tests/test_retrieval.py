@@ -14,6 +14,7 @@ from ragtune.retrieval import (
     BM25Index,
     DenseIndex,
     HybridIndex,
+    RetrievalConfig,
     build_retriever,
     load_retriever,
     read_kb,
@@ -91,10 +92,10 @@ def test_build_retriever_and_errors(tmp_path):
     kb.write_text('{"chunk_id": "a", "text": "猫"}\n{"chunk_id": "b"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"kb.jsonl:2: missing field 'text'"):
         read_kb(kb)
-    retriever = build_retriever("bm25", ["a", "b"], ["猫", "狗"], {"stopwords": []})
+    retriever = build_retriever(RetrievalConfig(kind="bm25"), ["a", "b"], ["猫", "狗"])
     assert retriever.retrieve("狗", 1) == [("b", pytest.approx(retriever.retrieve("狗", 1)[0][1]))]
     with pytest.raises(ValueError, match="needs an embedder"):
-        build_retriever("dense", ["a"], ["猫"])
+        build_retriever(RetrievalConfig(kind="dense"), ["a"], ["猫"])
     with pytest.raises(DataError, match="not a saved retriever"):
         load_retriever(tmp_path)
 

@@ -60,7 +60,7 @@ def router_and_heldout(mirror):
     cmrc_train = [q.question for a in load_cmrc(mirror / "cmrc2018" / "cmrc2018_dev.json", Report()) for q in a.questions]
     pairs = [(q, MATHS) for q in seeded_sample(gsm_train, 2000, 0)]
     pairs += [(q, READING) for q in seeded_sample(cmrc_train, 2000, 0)] + synthetic_questions(600, seed=42)
-    router = ClassifierRouter.fit(pairs, seed=0)
+    router = ClassifierRouter.fit(pairs, seed=0, ngram_max=4, c=10.0)
     gsm_test = [r["question"] for r in load_gsm8k(mirror / "gsm8k" / "test.jsonl", "test")]
     trial = [q.question for a in load_cmrc(mirror / "cmrc2018" / "cmrc2018_trial.json", Report()) for q in a.questions]
     heldout = [(q, MATHS) for q in seeded_sample(gsm_test, 300, 1)] + [(q, READING) for q in seeded_sample(trial, 300, 1)]
@@ -129,7 +129,7 @@ def test_llm_router_parses_strictly_against_a_loopback_model():
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
 
     with serve_in_thread(app) as url:
-        router = LLMRouter(f"{url}/v1", "judge")
+        router = LLMRouter(f"{url}/v1", "judge", api_key_env=None, timeout=30)
         assert router.route_many(["q-maths", "q-reading"]) == [MATHS, READING]
         with pytest.raises(UnknownLabel):
             router.route("q-chatty")

@@ -10,7 +10,8 @@ import pytest
 from openai import OpenAI
 
 from ragtune.bundle import Bundle
-from ragtune.serve import ServeSettings, create_app, serve_in_thread, vllm_command
+from ragtune.engine import vllm_command
+from ragtune.serve import ServeConfig, create_app, serve_in_thread
 from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, build_small_bundle
 
 TOKEN_ENV = "RAGTUNE_TEST_TOKEN"
@@ -23,7 +24,7 @@ def bundle(mirror, base_generator, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    settings = ServeSettings(token_env=TOKEN_ENV, max_body_bytes=4096, max_question_chars=300, max_concurrent=2)
+    settings = ServeConfig(token_env=TOKEN_ENV, max_body_bytes=4096, max_question_chars=300, max_concurrent=2)
     with serve_in_thread(create_app(bundle, settings)) as url:
         yield url
 
@@ -38,7 +39,7 @@ def ask(client, question, **kwargs):
 
 
 def test_binds_loopback_by_default():
-    assert ServeSettings().host == "127.0.0.1"
+    assert ServeConfig().host == "127.0.0.1"
 
 
 def test_models_and_health(server, client):

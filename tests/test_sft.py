@@ -79,15 +79,15 @@ def test_cutoff_cuts_the_prompt_middle_never_the_answer(tokenizer):
 
 def test_mix_follows_the_weights_and_falls_back_to_cmrc_alone():
     cmrc, distilled = cmrc_records(100), [alpaca_record(f"q{i}", f"a{i}") for i in range(100)]
-    mixed, counts = mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, 40, 1)
+    mixed, counts = mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, total=40, seed=1)
     assert counts == {"cmrc": 30, "distilled": 10} and len(mixed) == 40
-    assert mixed == mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, 40, 1)[0]
-    short, counts = mix_sources({"cmrc": cmrc, "distilled": distilled[:3]}, {"cmrc": 0.5, "distilled": 0.5}, 40, 1)
+    assert mixed == mix_sources({"cmrc": cmrc, "distilled": distilled}, {"cmrc": 0.75, "distilled": 0.25}, total=40, seed=1)[0]
+    short, counts = mix_sources({"cmrc": cmrc, "distilled": distilled[:3]}, {"cmrc": 0.5, "distilled": 0.5}, total=40, seed=1)
     assert counts == {"cmrc": 37, "distilled": 3} and len(short) == 40
-    alone, counts = mix_sources({"cmrc": cmrc, "distilled": []}, {"cmrc": 0.8, "distilled": 0.2}, 40, 1)
+    alone, counts = mix_sources({"cmrc": cmrc, "distilled": []}, {"cmrc": 0.8, "distilled": 0.2}, total=40, seed=1)
     assert counts == {"cmrc": 40, "distilled": 0} and {r["source"] for r in alone} == {"cmrc"}
     with pytest.raises(DataError):
-        mix_sources({"cmrc": [], "distilled": []}, {"cmrc": 1, "distilled": 1}, 10, 1)
+        mix_sources({"cmrc": [], "distilled": []}, {"cmrc": 1, "distilled": 1}, total=10, seed=1)
     train, val = split_validation(mixed, 0.1, 1)
     assert len(val) == 4 and len(train) == 36 and not {id(r) for r in val} & {id(r) for r in train}
 

@@ -17,6 +17,7 @@ from ragtune.data import (
     gold_chunks,
     load_cmrc,
     load_gsm8k,
+    SplitConfig,
     prepare,
     seeded_sample,
     split_articles,
@@ -24,9 +25,10 @@ from ragtune.data import (
 )
 from ragtune.io import DataError
 from ragtune.prompts import CMRC_TEMPLATE
+from ragtune.sources import DataConfig
 from tests.conftest import ROOT, project_env
 
-SPLIT_CFG = {"chunk_size": 40, "chunk_overlap": 10, "hard_negatives": 2, "bm25_candidates": 5, "stopwords": []}
+SPLIT_CFG = {"chunk_size": 40, "chunk_overlap": 10, "hard_negatives": 2, "bm25_candidates": 5}
 
 
 def article(aid, context, qas):
@@ -74,6 +76,11 @@ def raw_dir(tmp_path, train=TRAIN_ARTICLES, evaluation=EVAL_ARTICLES, gsm_test=N
     return raw
 
 
+def run_prepare(raw, split=None, query_prompt="", seed=1):
+    data = DataConfig(**(yaml.safe_load((ROOT / "conf" / "data" / "cmrc_dev.yaml").read_text()) | DATA_CFG))
+    return prepare(raw, data=data, split=SplitConfig(**(SPLIT_CFG | (split or {}))), query_prompt=query_prompt, seed=seed)
+
+
 DATA_CFG = {
     "cmrc_train": ["cmrc2018/train.json"],
     "cmrc_eval": ["cmrc2018/eval.json"],
@@ -83,7 +90,7 @@ DATA_CFG = {
 
 
 def test_outputs_have_the_contract_schema(tmp_path):
-    outputs, stats = prepare(raw_dir(tmp_path), DATA_CFG, SPLIT_CFG, "query: ", seed=1)
+    outputs, stats = run_prepare(raw_dir(tmp_path), query_prompt="query: ")
     kb = outputs["kb.jsonl"]
     assert kb and all(set(r) == {"chunk_id", "article_id", "title", "text"} for r in kb)
     sft = outputs["cmrc_sft_train.json"]
@@ -111,9 +118,9 @@ def test_outputs_have_the_contract_schema(tmp_path):
 def test_sft_context_window_holds_the_answer_and_leaves_eval_alone(tmp_path):
     long_context = "前言很长很长。" * 4 + "答案就在这里：黄山。" + "后记也很长。" * 4
     train = [*TRAIN_ARTICLES, article("T3", long_context, [("答案在哪里？", [("黄山", long_context.index("黄山"))])])]
-    cfg = SPLIT_CFG | {"chunk_size": 60, "chunk_overlap": 10}
-    whole, stats_whole = prepare(raw_dir(tmp_path, train=train), DATA_CFG, cfg, "", seed=1)
-    windowed, stats = prepare(raw_dir(tmp_path, train=train), DATA_CFG, cfg | {"sft_context_chars": 30}, "", seed=1)
+    cfg = {"chunk_size": 60, "chunk_overlap": 10}
+    whole, stats_whole = run_prepare(raw_dir(tmp_path, train=train), cfg)
+    windowed, stats = run_prepare(raw_dir(tmp_path, train=train), cfg | {"sft_context_chars": 30})
     context = windowed["cmrc_sft_train.json"][3]["instruction"].split("### 已知文段:")[1].split("\n\n### 问题:")[0]
     assert len(context) == 30 and "黄山" in context and context in long_context
     assert windowed["cmrc_sft_train.json"][3]["output"] == "黄山"
@@ -127,7 +134,7 @@ def test_sft_context_window_holds_the_answer_and_leaves_eval_alone(tmp_path):
 def test_planted_context_leak_fails_naming_it(tmp_path):
     leaked = article("E9", TRAIN_ARTICLES[1]["paragraphs"][0]["context"], [("猫是什么动物呢？", [("哺乳动物", 5)])])
     with pytest.raises(DataError, match=r"(?s)leak into train.*E9: context also in train"):
-        prepare(raw_dir(tmp_path, evaluation=[*EVAL_ARTICLES, leaked]), DATA_CFG, SPLIT_CFG, "", seed=1)
+        run_prepare(raw_dir(tmp_path, evaluation=[*EVAL_ARTICLES, leaked]))
 
 
 def test_planted_question_leak_after_normalisation(tmp_path):
@@ -135,7 +142,7 @@ def test_planted_question_leak_after_normalisation(tmp_path):
     assert leaks and leaks[0].startswith("X: question also in train")
     gsm_leak = [{"question": "Tom has 3 apples and buys 2 more.  How many now?", "answer": "#### 5"}]
     with pytest.raises(DataError, match="gsm8k-test-0: question also in train"):
-        prepare(raw_dir(tmp_path, gsm_test=gsm_leak), DATA_CFG, SPLIT_CFG, "", seed=1)
+        run_prepare(raw_dir(tmp_path, gsm_test=gsm_leak))
 
 
 def test_wrong_answer_start_is_relocated_and_reported(tmp_path):

@@ -4,15 +4,19 @@ import json
 
 import pytest
 
+from ragtune.config import ConfigError, validate
+
 from ragtune.data import seeded_sample
 from ragtune.io import DataError
 from ragtune.prompts import math_prompt
 from ragtune.teacher import (
     OpenAITeacher,
     RationaleTeacher,
+    RationaleTeacherConfig,
     ResponseCache,
     RetryPolicy,
     TeacherConfigError,
+    TeacherConfig,
     compose_output,
     judge,
     load_items,
@@ -51,7 +55,7 @@ def test_judge_accepts_only_a_boxed_gold_after_the_thinking(output, gold, verdic
 
 
 def test_rationale_teacher_reshapes_gsm8k_without_calculator_notes():
-    output = RationaleTeacher({"name": "gsm8k-rationale"}).answer(GSM8K_ITEM)
+    output = RationaleTeacher(RationaleTeacherConfig(kind="rationale", name="gsm8k-rationale")).answer(GSM8K_ITEM)
     assert output == (
         "<think>\nNatalia sold 48/2 = 24 clips in May.\n"
         "Natalia sold 48+24 = 72 clips altogether in April and May.\n</think>\n\n"
@@ -62,7 +66,7 @@ def test_rationale_teacher_reshapes_gsm8k_without_calculator_notes():
 
 def test_rationale_teacher_output_is_accepted_for_the_prepared_train_set(prepared_dir):
     path = prepared_dir / "gsm8k_train.jsonl"
-    teacher = RationaleTeacher({})
+    teacher = RationaleTeacher(RationaleTeacherConfig(kind="rationale", name="gsm8k-rationale"))
     items = seeded_sample(load_items(path), 500, seed=0)
     verdicts = [judge(teacher.answer(item), item["answer"]) for item in items]
     assert all(v == (True, "accepted") for v in verdicts)
@@ -82,15 +86,16 @@ def test_load_items_names_the_bad_line(tmp_path):
 
 
 def test_openai_teacher_without_its_key_names_the_variable():
-    cfg = {"kind": "openai", "name": "r1", "base_url": "http://127.0.0.1:9/v1", "model": "m",
-           "api_key_env": "RAGTUNE_TEST_UNSET_KEY"}
+    cfg = validate(TeacherConfig, {"kind": "openai", "name": "r1", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                   "api_key_env": "RAGTUNE_TEST_UNSET_KEY", "system": None, "temperature": None,
+                                   "top_p": None, "max_tokens": None, "timeout": 5})
     with pytest.raises(TeacherConfigError, match="RAGTUNE_TEST_UNSET_KEY"):
         make_teacher(cfg, environ={})
     teacher = make_teacher(cfg, environ={"RAGTUNE_TEST_UNSET_KEY": "sk-secret-value"})
     assert isinstance(teacher, OpenAITeacher)
     assert "sk-secret-value" not in json.dumps(teacher.sampling) + teacher.name + teacher.model
-    with pytest.raises(TeacherConfigError, match="unknown teacher kind"):
-        make_teacher({"kind": "telepathy"})
+    with pytest.raises(ConfigError, match="teacher: Input tag 'telepathy'"):
+        validate(TeacherConfig, {"kind": "telepathy"}, prefix=("teacher",))
 
 
 def test_shipped_teacher_configs_compose():
@@ -99,7 +104,7 @@ def test_shipped_teacher_configs_compose():
     r1 = yaml.safe_load((ROOT / "conf" / "teacher" / "deepseek_r1.yaml").read_text())
     assert r1["model"] == "deepseek-reasoner" and r1["api_key_env"] == "DEEPSEEK_API_KEY"
     assert not any("key" in k and not k.endswith("_env") for k in r1)
-    teacher = make_teacher(r1, environ={"DEEPSEEK_API_KEY": "sk-x"})
+    teacher = make_teacher(validate(TeacherConfig, r1), environ={"DEEPSEEK_API_KEY": "sk-x"})
     assert teacher.sampling == {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
     assert teacher.messages(GSM8K_ITEM) == [{"role": "user", "content": math_prompt(GSM8K_ITEM["question"])}]
 
@@ -141,7 +146,12 @@ def test_retry_after_and_backoff():
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert retry_after_seconds({"retry-after": "soon"}) is None
     assert retry_after_seconds({}) is None
-    policy, rng = RetryPolicy(max_retries=5, backoff_base=1.0, backoff_max=8.0), random.Random(0)
+    policy = RetryPolicy(max_retries=5, backoff_base=1.0, backoff_max=8.0, max_retry_after=60.0)
+    rng = random.Random(0)
     for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (4, 8), (4, 8), (4, 8)]):
         assert low <= policy.delay(retry, None, rng) <= high
     assert policy.delay(0, 30.0, rng) == 30.0
+    # a hostile or broken server: Retry-After of a day, or of forever, waits the configured cap
+    assert retry_after_seconds({"retry-after": "inf"}) == float("inf")
+    assert policy.delay(0, retry_after_seconds({"retry-after": "100000"}), rng) == 60.0
+    assert policy.delay(0, retry_after_seconds({"retry-after": "inf"}), rng) == 60.0
