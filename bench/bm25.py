@@ -1,5 +1,5 @@
 """ragtune's BM25-zh (bm25s) against rank-bm25's BM25Okapi on the same jieba tokens, the real KB
-(data/prepared/kb.jsonl) and the held-out questions (data/prepared/retrieval_eval.jsonl).
+(data/prepared/kb.jsonl) and the held-out questions (data/prepared/cmrc_eval.jsonl).
 
     python bench/bm25.py [--queries N]
 
@@ -14,23 +14,25 @@ import time
 
 import numpy as np
 
-from ragtune.embedding import load_retrieval_eval
+from ragtune.data import seeded_sample
 from ragtune.metrics import retrieval_metrics
-from ragtune.retrieval import BM25Index, read_kb, tokenize_zh
+from ragtune.records import ReadingQuestion, read_kb, read_records
+from ragtune.retrieval import BM25Index, tokenize_zh
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kb", default="data/prepared/kb.jsonl")
-    parser.add_argument("--eval", default="data/prepared/retrieval_eval.jsonl")
+    parser.add_argument("--eval", default="data/prepared/cmrc_eval.jsonl")
     parser.add_argument("--queries", type=int, default=None, help="seeded subset of the questions")
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
     from rank_bm25 import BM25Okapi
 
-    ids, texts = read_kb(args.kb)
-    rows = load_retrieval_eval(args.eval, args.queries, seed=0)
-    queries, gold = [r["query"] for r in rows], [r["gold_chunk_ids"] for r in rows]
+    chunks = read_kb(args.kb)
+    ids, texts = [c.chunk_id for c in chunks], [c.text for c in chunks]
+    rows = seeded_sample(read_records(args.eval, ReadingQuestion), args.queries, seed=0)
+    queries, gold = [r.question for r in rows], [r.gold_chunk_ids for r in rows]
     tokenize_zh("预热")  # jieba loads its dictionary once; keep that out of both timings
 
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import argparse
 import time
 
 from ragtune.data import seeded_sample
-from ragtune.evaluate import load_rows
+from ragtune.records import CMRC_EVAL, ReadingQuestion, read_records
 from ragtune.inference import TransformersGenerator
 from ragtune.prompts import cmrc_prompt
 
@@ -22,8 +22,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
 
-    rows = seeded_sample(load_rows("data/prepared/cmrc_eval.jsonl", ("question", "context")), args.n, args.seed)
-    prompts = [cmrc_prompt(r["context"], r["question"]) for r in rows]
+    rows = seeded_sample(read_records(CMRC_EVAL, ReadingQuestion), args.n, args.seed)
+    prompts = [cmrc_prompt(r.context, r.question) for r in rows]
     gen = TransformersGenerator(args.base, adapter_dir=args.adapter, batch_size=args.batch_size)
     tokens = lambda outs: sum(len(gen.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs)  # noqa: E731
 

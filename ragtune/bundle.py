@@ -1,20 +1,23 @@
 """The RAG bundle: everything `ragtune serve` needs to answer, in one folder, and the answering itself.
 
     bundle/
-      manifest.json   content hashes of every file below and of the base generator, answer settings,
-                      the eval and router metrics the bundle was measured at
+      manifest.json   sha256 of every file below and of the base generator's files, the answer settings
       kb.jsonl        the knowledge base (chunk_id, article_id, title, text)
-      index/          its BM25 index (ragtune.retrieval, saved)
-      router/         the maths/reading router (ragtune.router, saved)
-      adapter/        the LoRA adapter (absent when the bundle serves the base model)
-      prompts.json    the prompt templates the bundle was built with (the code uses ragtune.prompts;
-                      loading refuses a bundle whose templates differ from the running code's)
+      index/          the served retriever (ragtune.retrieval, saved: BM25, dense or hybrid)
+      router/         the maths/reading router (ragtune.router, saved as JSON: nothing in a bundle executes)
+      adapter/        the LoRA adapter (absent in the base bundle, which serves the base model)
+      prompts.json    the prompt templates the bundle was built with (loading refuses a bundle whose
+                      templates differ from the running code's)
       base/           only with `package.copy_base: true`; otherwise the manifest references the base
                       generator by its path in the project (models/base/generator, a DVC out of fetch)
-                      and its hashes, so `dvc pull` brings both and the bundle stays a few MB.
 
-Answering: maths -> generator on prompts.math_prompt, final answer read with metrics.math_answer;
-reading -> BM25 top-k passages -> prompts.cmrc_prompt -> generator.
+A bundle holds data only: JSON, JSONL, safetensors and the retriever's arrays. It never holds code
+or pickles, and every load checks every file's hash, whichever generator answers.
+
+Answering (the one answer path: `ragtune serve`, `ragtune ask`, the MLflow model and eval all call it):
+route -> maths: prompts.math_prompt -> generator (repetition guard; a box forced when missing) ->
+final answer read with metrics.math_answer; reading: retriever top-k -> prompts.cmrc_prompt (passages
+dropped or cut to fit the model's context) -> generator; the abstention reply is flagged.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ragtune import prompts
-from ragtune.config import Config, validate
+from ragtune.config import Config, UserError, validate
 from ragtune.inference import Completion
-from ragtune.io import DataError, atomic_dir, iter_jsonl, read_json, require, sha256_file
+from ragtune.io import DataError, atomic_dir, read_json, sha256_file
 from ragtune.metrics import math_answer
+from ragtune.records import read_kb
 from ragtune.router import MATHS, READING, UnknownLabel, load_router
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 BASE_ENV = "RAGTUNE_BASE_GENERATOR"  # overrides where the base generator is found
+FORCED_BOX_TOKENS = 12  # the final answer after prompts.FORCE_BOX
 
 
 class AnswerSettings(Config):
@@ -51,124 +56,137 @@ class AnswerSettings(Config):
     max_new_tokens_reading: int = Field(ge=1, description="token budget of a reading answer")
     unknown_route: Literal["reading", "error"] = Field(
         description="what an unrecognised router label becomes: reading (with a note) or an error; never maths")
+    repeat_window: int = Field(ge=0, description="repetition guard: stop when the last N new tokens repeat a unit "
+                                                 "of at most N/3 tokens (0: off)")
+    force_box: bool = Field(description="a maths answer that ends without \\\\boxed{} gets one: the model writes the "
+                                        "number after 'The final answer is \\\\boxed{'")
 
 
 class PackageConfig(Config):
-    """`package` (conf/package/default.yaml): the bundle. Passages per question are `retrieval.top_k`."""
+    """`package` (conf/package/default.yaml): the bundles. Passages per question are `retrieval.top_k`."""
 
-    max_new_tokens_maths: int = Field(384, ge=1, description="chain of thought, then \\boxed{answer}")
+    max_new_tokens_maths: int = Field(384, ge=1, description="chain of thought, then \\\\boxed{answer}")
     max_new_tokens_reading: int = Field(96, ge=1, description="CMRC answers are short spans")
     unknown_route: Literal["reading", "error"] = Field(
         READING, description="an unrecognised router label: reading (with a note) or error; never maths")
+    repeat_window: int = Field(48, ge=0, description="repetition guard window in tokens (0: off)")
+    force_box: bool = Field(True, description="give a maths answer without \\\\boxed{} one (the model writes the number)")
     copy_base: bool = Field(
-        False, description="copy the base generator into bundle/base (standalone folder) instead of referencing models/base/generator")
-    log_model: bool = Field(True, description="also log the bundle to MLflow as a pyfunc model")
+        False, description="copy the base generator into the bundle (standalone folder) instead of referencing models/base/generator")
 
     def answer_settings(self, top_k: int) -> AnswerSettings:
-        return AnswerSettings(top_k=top_k, max_new_tokens_maths=self.max_new_tokens_maths,
-                              max_new_tokens_reading=self.max_new_tokens_reading, unknown_route=self.unknown_route)
+        return AnswerSettings(top_k=top_k, **self.model_dump(exclude={"copy_base"}))
+
+
+class PromptTooLong(UserError, ValueError):
+    """A question that does not fit the model's context even without passages."""
 
 
 def prompt_templates() -> dict[str, str]:
-    return {"cmrc": prompts.CMRC_TEMPLATE, "maths": prompts.MATH_TEMPLATE}
+    return {"cmrc": prompts.CMRC_TEMPLATE, "maths": prompts.MATH_TEMPLATE, "no_answer": prompts.NO_ANSWER,
+            "force_box": prompts.FORCE_BOX}
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by relative path."""
-    return {
-        str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tree_digest(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
-def read_kb(path: Path) -> list[dict[str, Any]]:
-    chunks, seen = [], set()
-    for lineno, record in iter_jsonl(path):
-        require(record, ("chunk_id", "text"), f"{path}:{lineno}")
-        if record["chunk_id"] in seen:
-            raise DataError(f"{path}:{lineno}: chunk_id '{record['chunk_id']}' repeated")
-        seen.add(record["chunk_id"])
-        chunks.append(record)
-    if not chunks:
-        raise DataError(f"{path}: no chunks")
-    return chunks
+# --------------------------------------------------------------------------- building
 
 
 def build_bundle(
     out_dir: str | os.PathLike,
+    *,
     kb_path: str | os.PathLike,
     base_dir: str | os.PathLike,
     router_dir: str | os.PathLike,
-    adapter_dir: str | os.PathLike | None = None,
-    metrics_path: str | os.PathLike | None = None,
-    router_metrics_path: str | os.PathLike | None = None,
-    *,
+    retriever: Any,
     answer: AnswerSettings,
+    router_metrics_path: str | os.PathLike | None = None,
     copy_base: bool = False,
-    stopwords: Sequence[str] = (),
     project_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Write the bundle folder atomically; returns its manifest."""
-    from ragtune.retrieval import BM25Index
-
+    """Write a base bundle (no adapter) atomically; `retriever` is the built served retriever over the
+    KB's chunks. Returns its manifest."""
     out_dir, kb_path, base_dir = Path(out_dir), Path(kb_path), Path(base_dir)
     if not (base_dir / "config.json").exists():
         raise DataError(f"{base_dir}: no config.json (not a generator checkpoint)")
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise DataError(f"{adapter_dir}: no adapter_config.json (not a peft adapter)")
     if not (Path(router_dir) / "router.json").exists():
         raise DataError(f"{router_dir}: no router.json (run the router stage)")
     chunks = read_kb(kb_path)
-
+    if list(retriever.chunk_ids) != [c.chunk_id for c in chunks]:
+        raise DataError(f"{kb_path}: the retriever indexes other chunks than this knowledge base")
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(kb_path, tmp / "kb.jsonl")
-        BM25Index([c["chunk_id"] for c in chunks], [c["text"] for c in chunks], stopwords).save(tmp / "index")
+        retriever.save(tmp / "index")
         shutil.copytree(router_dir, tmp / "router")
-        if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter")
         (tmp / "prompts.json").write_text(json.dumps(prompt_templates(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
         base_hashes = folder_hashes(base_dir)
         if copy_base:
             shutil.copytree(base_dir, tmp / "base")
-            base_ref = "base"
-        else:
-            root = Path(project_root or out_dir.resolve().parent)
-            try:
-                base_ref = os.path.relpath(base_dir.resolve(), root.resolve())
-            except ValueError:  # another drive: keep it absolute
-                base_ref = str(base_dir.resolve())
-        metrics, metrics_note = None, "no eval metrics given"
-        if metrics_path is not None:
-            if Path(metrics_path).exists():
-                metrics, metrics_note = read_json(metrics_path), str(metrics_path)
-            else:
-                metrics_note = f"{metrics_path} absent: the bundle was not evaluated"
         manifest = {
             "format": FORMAT,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "answer": answer.model_dump(),
+            "retriever": getattr(retriever, "kind", "unknown"),
             "base_generator": {
-                "path": base_ref,
+                "path": "base" if copy_base else _relative(base_dir, Path(project_root or out_dir.resolve().parent)),
                 "copied": copy_base,
                 "digest": tree_digest(base_hashes),
                 "files": {name: {"sha256": h, "bytes": (base_dir / name).stat().st_size} for name, h in base_hashes.items()},
             },
-            "adapter": "adapter" if adapter_dir is not None else None,
+            "adapter": None,
             "kb": {"chunks": len(chunks)},
-            "metrics": metrics,
-            "metrics_source": metrics_note,
             "router_metrics": (
                 {k: v for k, v in read_json(router_metrics_path).items() if k != "errors"}
                 if router_metrics_path and Path(router_metrics_path).exists() else None
             ),
         }
-        manifest["files"] = {k: v for k, v in folder_hashes(tmp).items() if not k.startswith("base/")}
-        manifest["digest"] = tree_digest(manifest["files"] | {"base": manifest["base_generator"]["digest"]})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        _seal(tmp, manifest)
+    return manifest
+
+
+def add_adapter(base_bundle: str | os.PathLike, out_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The tuned bundle: the base bundle's files, unchanged, plus the LoRA adapter. Returns its manifest."""
+    base_bundle, adapter_dir = Path(base_bundle), Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise DataError(f"{adapter_dir}: no adapter_config.json (not a peft adapter)")
+    manifest = read_json(base_bundle / MANIFEST)
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(base_bundle, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
+        shutil.copytree(adapter_dir, tmp / "adapter")
+        manifest = dict(manifest, adapter="adapter", created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _seal(tmp, manifest)
+    return manifest
+
+
+def _relative(base_dir: Path, root: Path) -> str:
+    try:
+        return os.path.relpath(base_dir.resolve(), root.resolve())
+    except ValueError:  # another drive: keep it absolute
+        return str(base_dir.resolve())
+
+
+def _seal(folder: Path, manifest: dict[str, Any]) -> None:
+    """Hash every file (a copied base is hashed under base_generator) and write the manifest."""
+    manifest["files"] = {k: v for k, v in folder_hashes(folder).items() if not k.startswith("base/") and k != MANIFEST}
+    manifest["digest"] = tree_digest(manifest["files"] | {"base": manifest["base_generator"]["digest"]})
+    (folder / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- loading and checking
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{folder / MANIFEST}: bundle format {found!r}, expected {FORMAT} (rebuild it: dvc repro package)")
     return manifest
 
 
@@ -181,28 +199,46 @@ def resolve_base(folder: Path, manifest: dict[str, Any], base_dir: str | os.Path
     for candidate in candidates:
         if candidate and (Path(candidate) / "config.json").exists():
             return Path(candidate)
-    raise DataError(
-        f"{folder / MANIFEST}: base generator '{ref}' not found (run `dvc pull`, or set {BASE_ENV})"
-    )
+    raise DataError(f"{folder / MANIFEST}: base generator '{ref}' not found (run `dvc pull`, or set {BASE_ENV})")
 
 
-def verify_bundle(folder: Path, manifest: dict[str, Any], base: Path, full: bool = False) -> None:
-    """Check the bundle's files against the manifest hashes, and the base generator's sizes (or,
-    with `full`, its hashes too: a few seconds for 540 MB)."""
-    for name, digest in manifest["files"].items():
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists has its hash, no other file is there, and the prompt templates
+    are the running code's."""
+    listed = manifest["files"]
+    present = {k for k in folder_hashes(folder) if not k.startswith("base/") and k != MANIFEST}
+    if extra := sorted(present - set(listed)):
+        raise DataError(f"{folder}: {extra[0]} is not in the manifest (a bundle holds only the files it lists)")
+    for name, digest in listed.items():
         path = folder / name
         if not path.exists():
             raise DataError(f"{folder}: {name} missing (manifest lists it)")
         if sha256_file(path) != digest:
             raise DataError(f"{folder}: {name} differs from the manifest's hash")
+    if read_json(folder / "prompts.json") != prompt_templates():
+        raise DataError(f"{folder}/prompts.json: the bundle's prompt templates differ from ragtune.prompts")
+
+
+def verify_base(base: Path, manifest: dict[str, Any], full: bool = False) -> None:
+    """The base generator's files have the sizes (with `full`, the hashes) the bundle was built with."""
     for name, info in manifest["base_generator"]["files"].items():
         path = base / name
         if not path.exists() or path.stat().st_size != info["bytes"]:
             raise DataError(f"{base}: {name} missing or of another size than the bundle was built with")
         if full and sha256_file(path) != info["sha256"]:
             raise DataError(f"{base}: {name} differs from the hash the bundle was built with")
-    if read_json(folder / "prompts.json") != prompt_templates():
-        raise DataError(f"{folder}/prompts.json: the bundle's prompt templates differ from ragtune.prompts")
+
+
+def checked_base(folder: str | os.PathLike, verify: str = "size", base_dir: str | os.PathLike | None = None) -> Path:
+    """The bundle's base generator folder, after checking the bundle and the base (for an engine such as
+    vLLM that loads the base itself)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    base = resolve_base(folder, manifest, base_dir)
+    if verify != "none":
+        verify_files(folder, manifest)
+        verify_base(base, manifest, full=verify == "full")
+    return base
 
 
 @dataclass
@@ -215,15 +251,18 @@ class Prepared:
     max_new_tokens: int
     sources: list[dict[str, Any]] = field(default_factory=list)
     route_note: str | None = None
+    context_note: str | None = None
+    budget_asked: bool = False  # the caller set max_new_tokens: it bounds the answer, no box is forced past it
 
 
 class Bundle:
-    """A loaded bundle: `answer(question)` -> {answer, route, sources, text, ...}."""
+    """A loaded bundle: `answer(question)` -> {answer, route, sources, text, abstained, ...}."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], router: Any, index: Any,
-                 chunks: dict[str, dict[str, Any]], generator: Any):
+                 chunks: dict[str, Any], generator: Any, tokenizer: Any, max_positions: int):
         self.folder, self.manifest, self.router, self.index = folder, manifest, router, index
         self.chunks, self.generator = chunks, generator
+        self.tokenizer, self.max_positions = tokenizer, max_positions
         self.settings = validate(AnswerSettings, manifest.get("answer"), prefix=("manifest.json: answer",))
 
     @classmethod
@@ -233,32 +272,42 @@ class Bundle:
         generator: Any = None,
         base_dir: str | os.PathLike | None = None,
         verify: str = "size",
-        generator_cfg: dict[str, Any] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
     ) -> Bundle:
-        """Load a bundle; `generator` replaces the in-process model (e.g. an OpenAIGenerator talking
-        to vLLM); `verify` is 'size' (bundle hashes, base sizes), 'full' (base hashes too) or 'none'."""
+        """Load a bundle. Its files are checked against the manifest on every path (`verify`: 'size'
+        checks the base generator's sizes, 'full' its hashes too, 'none' nothing: for tests only);
+        `generator` replaces the in-process model (e.g. an OpenAIGenerator talking to vLLM)."""
+        from transformers import AutoConfig, AutoTokenizer
+
         from ragtune.retrieval import load_retriever
 
         folder = Path(folder)
-        manifest = read_json(folder / MANIFEST)
-        if manifest.get("format") != FORMAT:
-            raise DataError(f"{folder / MANIFEST}: bundle format {manifest.get('format')!r}, expected {FORMAT}")
+        manifest = read_manifest(folder)
+        base = resolve_base(folder, manifest, base_dir)
+        if verify != "none":
+            verify_files(folder, manifest)
+            verify_base(base, manifest, full=verify == "full")
+        settings = validate(AnswerSettings, manifest.get("answer"), prefix=("manifest.json: answer",))
         if generator is None:
             from ragtune.inference import TransformersGenerator
 
-            base = resolve_base(folder, manifest, base_dir)
-            if verify != "none":
-                verify_bundle(folder, manifest, base, full=verify == "full")
             adapter = folder / manifest["adapter"] if manifest.get("adapter") else None
-            generator = TransformersGenerator(base, adapter, **(generator_cfg or {}))
-        chunks = {c["chunk_id"]: c for c in read_kb(folder / "kb.jsonl")}
-        return cls(folder, manifest, load_router(folder / "router"), load_retriever(folder / "index"), chunks, generator)
+            generator = TransformersGenerator(base, adapter, batch_size=batch_size, dtype=dtype, device=device,
+                                              repeat_window=settings.repeat_window)
+        tokenizer = getattr(generator, "tokenizer", None) or AutoTokenizer.from_pretrained(base)
+        max_positions = int(getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", 2048))
+        chunks = {c.chunk_id: c for c in read_kb(folder / "kb.jsonl")}
+        return cls(folder, manifest, load_router(folder / "router"), load_retriever(folder / "index", device=device),
+                   chunks, generator, tokenizer, max_positions)
 
     @property
     def name(self) -> str:
         return "ragtune"
 
-    # ------------------------------------------------------------------ answering
+    # ------------------------------------------------------------------ routing and prompts
 
     def route(self, question: str) -> tuple[str, str | None]:
         """(route, note): a label the router does not know, or an unreachable llm router, takes
@@ -277,20 +326,73 @@ class Bundle:
             raise err
         return self.settings.unknown_route, f"router failed ({err}); answered as {self.settings.unknown_route}"
 
-    def prepare(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None) -> Prepared:
+    def _prompt_tokens(self, user_text: str) -> int:
+        return len(self.tokenizer(prompts.apply_chat_template(self.tokenizer, user_text), add_special_tokens=False)["input_ids"])
+
+    def _fit(self, question: str, passages: list[str], budget: int) -> tuple[str, int, str | None]:
+        """The reading prompt with as many passages, best first, as fit the model's context next to
+        the answer's budget; the last kept passage is cut when even one does not fit whole.
+        Returns (prompt, passages kept, note)."""
+        limit = self.max_positions - budget
+        if limit <= 0:
+            raise PromptTooLong(f"max_tokens {budget} leaves no room for a prompt in the model's {self.max_positions} positions")
+        kept = list(passages)
+        while kept:
+            text = prompts.cmrc_prompt(prompts.join_passages(kept), question)
+            if self._prompt_tokens(text) <= limit:
+                note = None if len(kept) == len(passages) else f"{len(passages) - len(kept)} passages left out to fit the context"
+                return text, len(kept), note
+            if len(kept) == 1:
+                break
+            kept.pop()
+        if self._prompt_tokens(prompts.cmrc_prompt("", question)) > limit:
+            raise PromptTooLong(f"the question does not fit the model's {self.max_positions} positions next to a "
+                                f"{budget}-token answer")
+        lo, hi, passage = 0, len(kept[0]), kept[0]
+        while lo < hi:  # the longest head of the first passage that fits
+            mid = (lo + hi + 1) // 2
+            if self._prompt_tokens(prompts.cmrc_prompt(passage[:mid], question)) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return prompts.cmrc_prompt(passage[:lo], question), 1, "the first passage was cut to fit the context"
+
+    def _retrieve(self, question: str, k: int, exclude_articles: set[str] | None) -> list[tuple[str, float]]:
+        if not exclude_articles:
+            return self.index.retrieve(question, k)
+        excluded = sum(1 for c in self.chunks.values() if c.article_id in exclude_articles)
+        hits = self.index.retrieve(question, k + excluded)
+        return [(cid, score) for cid, score in hits if self.chunks[cid].article_id not in exclude_articles][:k]
+
+    def prepare(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None,
+                exclude_articles: set[str] | None = None) -> Prepared:
+        """Route, retrieve (leaving out `exclude_articles`: eval's unanswerable questions) and build the prompt."""
         route, note = self.route(question)
         if route == MATHS:
-            return Prepared(question, route, prompts.math_prompt(question),
-                            int(max_new_tokens or self.settings.max_new_tokens_maths), route_note=note)
-        k = int(top_k or self.settings.top_k)
-        hits = self.index.retrieve(question, k)
-        sources = [
-            {"chunk_id": cid, "title": self.chunks[cid].get("title", ""), "text": self.chunks[cid]["text"], "score": round(score, 4)}
-            for cid, score in hits
-        ]
-        context = "\n".join(s["text"] for s in sources)
-        return Prepared(question, route, prompts.cmrc_prompt(context, question),
-                        int(max_new_tokens or self.settings.max_new_tokens_reading), sources, note)
+            budget = int(max_new_tokens or self.settings.max_new_tokens_maths)
+            user_text = prompts.math_prompt(question)
+            if self._prompt_tokens(user_text) > self.max_positions - budget:
+                raise PromptTooLong(f"the question does not fit the model's {self.max_positions} positions")
+            return Prepared(question, route, user_text, budget, route_note=note, budget_asked=max_new_tokens is not None)
+        hits = self._retrieve(question, int(top_k or self.settings.top_k), exclude_articles)
+        sources = [{"chunk_id": cid, "title": self.chunks[cid].title, "text": self.chunks[cid].text,
+                    "score": round(score, 4)} for cid, score in hits]
+        return self._reading(question, sources, max_new_tokens, route_note=note)
+
+    def prepare_with_passages(self, question: str, passages: Sequence[str], max_new_tokens: int | None = None) -> Prepared:
+        """A reading prompt over the given passages (eval's gold-context diagnostic: the generator without
+        router and retriever), in the same template, budget and context limit as served answers."""
+        return self._reading(question, [{"chunk_id": None, "title": "", "text": t, "score": None} for t in passages],
+                             max_new_tokens)
+
+    def _reading(self, question: str, sources: list[dict[str, Any]], max_new_tokens: int | None,
+                 route_note: str | None = None) -> Prepared:
+        budget = int(max_new_tokens or self.settings.max_new_tokens_reading)
+        user_text, kept, context_note = self._fit(question, [s["text"] for s in sources], budget)
+        return Prepared(question, READING, user_text, budget, sources[:kept], route_note, context_note,
+                        max_new_tokens is not None)
+
+    # ------------------------------------------------------------------ answering
 
     def finish(self, prepared: Prepared, text: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         result = {"question": prepared.question, "route": prepared.route, "text": text, "sources": prepared.sources}
@@ -298,40 +400,78 @@ class Bundle:
             result["usage"] = usage
         if prepared.route == MATHS:
             value, how = math_answer(text)
-            result.update(answer=value if value is not None else text, final_answer=value, extraction=how)
+            result.update(answer=value if value is not None else text, final_answer=value, extraction=how,
+                          abstained=False)
         else:
-            result.update(answer=text, final_answer=text)
-        if prepared.route_note:
-            result["route_note"] = prepared.route_note
+            result.update(answer=text, final_answer=text, abstained=prompts.is_abstention(text))
+        for key in ("route_note", "context_note"):
+            if getattr(prepared, key):
+                result[key] = getattr(prepared, key)
         return result
 
-    def answer_many(self, questions: Sequence[str], top_k: int | None = None,
-                    max_new_tokens: int | None = None) -> list[dict[str, Any]]:
-        prepared = [self.prepare(q, top_k, max_new_tokens) for q in questions]
+    def generate(self, prepared: Sequence[Prepared]) -> list[Completion]:
+        """One batched generate call per route and token budget (short maths prompts never wait in a
+        batch padded to a reading prompt's passages), then the forced boxes."""
         done: list[Any] = [None] * len(prepared)
-        # One batched call per route and token budget: short maths prompts never wait in a batch
-        # padded to a reading prompt's three passages.
         for route, budget in sorted({(p.route, p.max_new_tokens) for p in prepared}):
             idx = [i for i, p in enumerate(prepared) if (p.route, p.max_new_tokens) == (route, budget)]
-            texts = [prepared[i].user_text for i in idx]
-            if hasattr(self.generator, "generate_detailed"):
-                completions = self.generator.generate_detailed(texts, budget)
-            else:
-                completions = [Completion(t) for t in self.generator.generate(texts, budget)]
-            for i, completion in zip(idx, completions, strict=True):
+            for i, completion in zip(idx, self._complete([prepared[i].user_text for i in idx], budget), strict=True):
                 done[i] = completion
-        return [self.finish(p, c.text, usage_of(c)) for p, c in zip(prepared, done, strict=True)]
+        if self.settings.force_box:
+            self._force_boxes(prepared, done)
+        return done
+
+    def _complete(self, user_texts: list[str], budget: int, prefixes: list[str] | None = None) -> list[Completion]:
+        if hasattr(self.generator, "generate_detailed"):
+            return self.generator.generate_detailed(user_texts, budget, prefixes) if prefixes else \
+                self.generator.generate_detailed(user_texts, budget)
+        return [Completion(t) for t in self.generator.generate(user_texts, budget)]
+
+    def _force_boxes(self, prepared: Sequence[Prepared], done: list[Completion]) -> None:
+        """Maths answers without a box continue after prompts.FORCE_BOX for a few tokens, up to '}' (not
+        past a budget the caller asked for)."""
+        idx = [i for i, p in enumerate(prepared)
+               if p.route == MATHS and not p.budget_asked and "\\boxed{" not in done[i].text]
+        if not idx or not hasattr(self.generator, "generate_detailed"):
+            return
+        prefixes = [done[i].text.rstrip() + prompts.FORCE_BOX for i in idx]
+        forced = self._complete([prepared[i].user_text for i in idx], FORCED_BOX_TOKENS, prefixes)
+        for i, prefix, extra in zip(idx, prefixes, forced, strict=True):
+            done[i].text = prefix.lstrip() + extra.text.split("}")[0].strip() + "}"
+            done[i].completion_tokens += extra.completion_tokens
+            done[i].forced_box = True
+
+    def answer_many(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None,
+                    exclude_articles: Sequence[set[str] | None] | None = None) -> list[dict[str, Any]]:
+        excluded = exclude_articles or [None] * len(questions)
+        prepared = [self.prepare(q, top_k, max_new_tokens, ex) for q, ex in zip(questions, excluded, strict=True)]
+        return self.answer_prepared(prepared)
+
+    def answer_prepared(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
+        return [self.finish(p, c.text, usage_of(c)) for p, c in zip(prepared, self.generate(prepared), strict=True)]
 
     def answer(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
         return self.answer_many([question], top_k, max_new_tokens)[0]
 
     def stream(self, prepared: Prepared, cancel: Any = None, stats: dict[str, Any] | None = None) -> Iterator[str]:
-        """The generator's text for a prepared question, piece by piece; `cancel` (a threading.Event)
-        stops it early, `stats` receives token counts and the finish reason."""
-        if hasattr(self.generator, "stream"):
-            yield from self.generator.stream(prepared.user_text, prepared.max_new_tokens, cancel=cancel, stats=stats)
-        else:
-            yield self.generator.generate([prepared.user_text], prepared.max_new_tokens)[0]
+        """The generator's text for a prepared question, piece by piece, ending like `generate`'s (a
+        forced box included); `cancel` (a threading.Event) stops it early, `stats` receives token
+        counts and the finish reason."""
+        if not hasattr(self.generator, "stream"):
+            yield self._complete([prepared.user_text], prepared.max_new_tokens)[0].text
+            return
+        pieces = []
+        for piece in self.generator.stream(prepared.user_text, prepared.max_new_tokens, cancel=cancel, stats=stats):
+            pieces.append(piece)
+            yield piece
+        text = "".join(pieces)
+        if (prepared.route == MATHS and self.settings.force_box and not prepared.budget_asked
+                and "\\boxed{" not in text and not (cancel is not None and cancel.is_set())):
+            prefix = text.rstrip() + prompts.FORCE_BOX
+            extra = self._complete([prepared.user_text], FORCED_BOX_TOKENS, [prefix])[0]
+            if stats is not None:
+                stats["completion_tokens"] = stats.get("completion_tokens", 0) + extra.completion_tokens
+            yield prefix[len(text):] + extra.text.split("}")[0].strip() + "}"
 
 
 def usage_of(completion: Completion) -> dict[str, Any]:
@@ -352,7 +492,7 @@ def log_pyfunc_model(mlflow: Any, bundle_dir: str | os.PathLike, base_dir: str |
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     requirements = []
-    for package in ("mlflow", "torch", "transformers", "peft", "bm25s", "jieba", "scikit-learn", "pandas"):
+    for package in ("mlflow", "torch", "transformers", "peft", "bm25s", "jieba", "scikit-learn", "pandas", "pydantic"):
         try:
             requirements.append(f"{package}=={version(package)}")
         except PackageNotFoundError:

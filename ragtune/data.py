@@ -6,7 +6,7 @@ import os
 import random
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from ragtune.config import Config
 from ragtune.io import DataError, iter_jsonl, read_json
 from ragtune.sources import DataConfig
-from ragtune.prompts import alpaca_record, cmrc_prompt
+from ragtune.records import KbChunk, MathsQuestion, ReadingQuestion, Triple
 
 # --------------------------------------------------------------------------- configuration
 
@@ -30,8 +30,6 @@ class SplitConfig(Config):
     bm25_candidates: int = Field(30, ge=1, description="negatives are sampled from this many top BM25 hits")
     leak_min_question_chars: int = Field(
         8, ge=1, description="shorter normalised questions are not evidence of a train/eval leak")
-    sft_context_chars: int | None = Field(
-        None, gt=0, description="SFT contexts: the gold chunk (null) or a window of this many characters around the answer")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> SplitConfig:
@@ -162,10 +160,13 @@ _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 _GSM8K_FINAL = re.compile(r"-?\d[\d,]*(\.\d+)?")  # every final answer of GSM8K's train and test
 
 
-def load_gsm8k(path: str | os.PathLike, split_name: str) -> list[dict[str, str]]:
-    """GSM8K JSONL -> {id, question, rationale, answer}; the answer is the text after '####'."""
+def load_gsm8k(path: str | os.PathLike, split_name: str, blank_lines: list[int] | None = None) -> list[dict[str, str]]:
+    """GSM8K JSONL -> {id, question, rationale, answer}; the answer is the text after '####'.
+
+    Whitespace-only lines hold no record and are skipped; the line number of each is appended to
+    `blank_lines` when given, so the caller can report them (split's stats.json does)."""
     rows = []
-    for lineno, rec in iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path, blank_lines):
         question, answer = (_field(rec, name, str, f"{path}:{lineno}") for name in ("question", "answer"))
         if not question.strip():
             raise DataError(f"{path}:{lineno}: empty 'question'")
@@ -312,111 +313,60 @@ def answer_window(context: str, start: int, length: int, size: int) -> str:
 
 
 def build_cmrc_records(
-    train: Sequence[Article],
-    evaluation: Sequence[Article],
-    size: int,
-    overlap: int,
-    sft_context_chars: int | None = None,
-) -> dict[str, Any]:
-    """KB chunks for all articles, SFT records for train, eval and retrieval-eval records for eval.
+    train: Sequence[Article], evaluation: Sequence[Article], size: int, overlap: int
+) -> tuple[list[Chunk], list[ReadingQuestion], list[ReadingQuestion], int]:
+    """KB chunks for every article, and a ReadingQuestion per train and eval question; also how many
+    contexts had to be a window of the article because no single chunk holds the answer."""
+    chunks_of = {article.id: chunk_article(article, size, overlap) for article in [*train, *evaluation]}
+    windows = 0
 
-    SFT contexts are the gold chunk, or with `sft_context_chars` a window of that many characters
-    of it around the answer: fewer tokens per example, so more examples in the same training time."""
-    kb: list[Chunk] = []
-    chunks_of: dict[str, list[Chunk]] = {}
-    for article in [*train, *evaluation]:
-        chunks_of[article.id] = chunk_article(article, size, overlap)
-        kb.extend(chunks_of[article.id])
-
-    def context_for(article: Article, q: Question) -> tuple[str, list[Chunk], bool]:
+    def record(article: Article, q: Question) -> ReadingQuestion:
+        nonlocal windows
+        chunks = chunks_of[article.id]
         text, start = q.answers[0]
-        golds = gold_chunks(chunks_of[article.id], start, len(text))
-        if text in golds[0].text:
-            return golds[0].text, golds, True
-        return answer_window(article.context, start, len(text), size), golds, False
+        first = gold_chunks(chunks, start, len(text))[0]
+        context = first.text if text in first.text else answer_window(article.context, start, len(text), size)
+        windows += text not in first.text
+        gold_ids = sorted({c.chunk_id for t, s in q.answers for c in gold_chunks(chunks, s, len(t))})
+        return ReadingQuestion(id=q.id, question=q.question, answers=[t for t, _ in q.answers],
+                               article_id=article.id, gold_chunk_ids=gold_ids, context=context)
 
-    sft, train_pairs, windows, sft_chars = [], [], 0, 0
-    for article in train:
-        for q in article.questions:
-            context, golds, in_chunk = context_for(article, q)
-            windows += not in_chunk
-            text, start = q.answers[0]
-            if sft_context_chars and len(context) > sft_context_chars:
-                offset = start - golds[0].start  # where the answer is, when `context` is the gold chunk
-                if offset < 0 or context[offset : offset + len(text)] != text:
-                    offset = context.index(text)
-                context = answer_window(context, offset, len(text), sft_context_chars)
-            sft_chars += len(context)
-            sft.append(alpaca_record(cmrc_prompt(context, q.question), text))
-            train_pairs.append((q, [g.chunk_id for g in golds], article.id))
-
-    cmrc_eval, retrieval_eval = [], []
-    for article in evaluation:
-        for q in article.questions:
-            context, golds, in_chunk = context_for(article, q)
-            windows += not in_chunk
-            gold_ids = sorted(
-                {c.chunk_id for text, start in q.answers for c in gold_chunks(chunks_of[article.id], start, len(text))}
-            )
-            cmrc_eval.append(
-                {
-                    "id": q.id,
-                    "question": q.question,
-                    "answers": [text for text, _ in q.answers],
-                    "article_id": article.id,
-                    "gold_chunk_id": golds[0].chunk_id,
-                    "context": context,
-                }
-            )
-            retrieval_eval.append({"query_id": q.id, "query": q.question, "gold_chunk_ids": gold_ids})
-    return {
-        "kb": kb,
-        "sft": sft,
-        "train_pairs": train_pairs,
-        "cmrc_eval": cmrc_eval,
-        "retrieval_eval": retrieval_eval,
-        "answer_windows": windows,
-        "sft_context_chars_mean": round(sft_chars / max(1, len(sft)), 1),
-    }
+    train_rows = [record(a, q) for a in train for q in a.questions]
+    eval_rows = [record(a, q) for a in evaluation for q in a.questions]
+    kb = [c for article in [*train, *evaluation] for c in chunks_of[article.id]]
+    return kb, train_rows, eval_rows, windows
 
 
 def mine_hard_negatives(
-    train_pairs: Sequence[tuple[Question, list[str], str]],
+    questions: Sequence[ReadingQuestion],
     kb: Sequence[Chunk],
-    train_article_ids: set[str],
     *,
     n_negatives: int,
     n_candidates: int,
     prompt: str,
     seed: int,
     stopwords: Iterable[str] = (),
-) -> list[dict[str, Any]]:
-    """FlagEmbedding triples {query, pos, neg, prompt}: BM25's top candidates among train
-    chunks, minus the positives and any chunk holding a gold answer, sampled with a seed."""
+) -> list[Triple]:
+    """FlagEmbedding triples {query, pos, neg, prompt}: BM25's top candidates among the chunks of
+    the questions' (train) articles, minus the positives and any chunk holding a gold answer,
+    sampled with a seed."""
     from ragtune.retrieval import BM25Index
 
-    pool = [c for c in kb if c.article_id in train_article_ids]
+    articles = {q.article_id for q in questions}
+    pool = [c for c in kb if c.article_id in articles]
     by_id = {c.chunk_id: c for c in pool}
     index = BM25Index([c.chunk_id for c in pool], [c.text for c in pool], stopwords)
     rng = random.Random(seed)
-    hits_all = index.retrieve_many([q.question for q, _, _ in train_pairs], n_candidates + 8)
+    hits_all = index.retrieve_many([q.question for q in questions], n_candidates + 8)
     triples = []
-    for (q, gold_ids, _), hits in zip(train_pairs, hits_all, strict=True):
-        answers = [text for text, _ in q.answers]
+    for q, hits in zip(questions, hits_all, strict=True):
         candidates = [
-            cid
-            for cid, _ in hits
-            if cid not in gold_ids and not any(a in by_id[cid].text for a in answers)
+            cid for cid, _ in hits
+            if cid not in q.gold_chunk_ids and not any(a in by_id[cid].text for a in q.answers)
         ][:n_candidates]
         negatives = rng.sample(candidates, min(n_negatives, len(candidates)))
-        triples.append(
-            {
-                "query": q.question,
-                "pos": [by_id[g].text for g in gold_ids if g in by_id],
-                "neg": [by_id[cid].text for cid in negatives],
-                "prompt": prompt,
-            }
-        )
+        triples.append(Triple(query=q.question, pos=[by_id[g].text for g in q.gold_chunk_ids if g in by_id],
+                              neg=[by_id[cid].text for cid in negatives], prompt=prompt))
     return triples
 
 
@@ -440,8 +390,9 @@ def prepare(
         evaluation = [a for f in data.cmrc_eval for a in load_cmrc(raw_dir / f, report, seen_ids)]
     else:
         train, evaluation = split_articles(train, data.cmrc_eval_fraction, seed)
-    gsm_train = load_gsm8k(raw_dir / data.gsm8k_train, "train")
-    gsm_eval = load_gsm8k(raw_dir / data.gsm8k_eval, "test")
+    gsm_blank: dict[str, list[int]] = {"train": [], "eval": []}  # line numbers of blank lines skipped
+    gsm_train = load_gsm8k(raw_dir / data.gsm8k_train, "train", gsm_blank["train"])
+    gsm_eval = load_gsm8k(raw_dir / data.gsm8k_eval, "test", gsm_blank["eval"])
 
     min_chars = split.leak_min_question_chars
     leaks = find_leaks(
@@ -458,41 +409,36 @@ def prepare(
         shown = "\n  ".join(leaks[:10])
         raise DataError(f"{len(leaks)} eval items leak into train (first {min(10, len(leaks))}):\n  {shown}")
 
-    records = build_cmrc_records(train, evaluation, split.chunk_size, split.chunk_overlap, split.sft_context_chars)
-    triples = mine_hard_negatives(
-        records["train_pairs"],
-        records["kb"],
-        {a.id for a in train},
-        n_negatives=split.hard_negatives,
-        n_candidates=split.bm25_candidates,
-        prompt=query_prompt,
-        seed=seed,
-        stopwords=stopwords,
-    )
-    kb = [{"chunk_id": c.chunk_id, "article_id": c.article_id, "title": c.title, "text": c.text} for c in records["kb"]]
+    kb, train_rows, eval_rows, windows = build_cmrc_records(train, evaluation, split.chunk_size, split.chunk_overlap)
+    triples = mine_hard_negatives(train_rows, kb, n_negatives=split.hard_negatives, n_candidates=split.bm25_candidates,
+                                  prompt=query_prompt, seed=seed, stopwords=stopwords)
     outputs = {
-        "kb.jsonl": kb,
-        "cmrc_sft_train.json": records["sft"],
-        "cmrc_eval.jsonl": records["cmrc_eval"],
-        "gsm8k_train.jsonl": gsm_train,
-        "gsm8k_eval.jsonl": [{k: r[k] for k in ("id", "question", "answer")} for r in gsm_eval],
+        "kb.jsonl": [KbChunk(chunk_id=c.chunk_id, article_id=c.article_id, title=c.title, text=c.text) for c in kb],
+        "cmrc_train.jsonl": train_rows,
+        "cmrc_eval.jsonl": eval_rows,
+        "gsm8k_train.jsonl": [MathsQuestion(**r) for r in gsm_train],
+        "gsm8k_eval.jsonl": [MathsQuestion(**{k: r[k] for k in ("id", "question", "answer")}) for r in gsm_eval],
         "embed_train.jsonl": triples,
-        "retrieval_eval.jsonl": records["retrieval_eval"],
     }
     stats = {
         "cmrc": {
             "train_articles": len(train),
             "eval_articles": len(evaluation),
-            "train_questions": len(records["sft"]),
-            "eval_questions": len(records["cmrc_eval"]),
+            "train_questions": len(train_rows),
+            "eval_questions": len(eval_rows),
             "kb_chunks": len(kb),
-            "contexts_from_answer_window": records["answer_windows"],
-            "sft_context_chars_mean": records["sft_context_chars_mean"],
+            "contexts_from_answer_window": windows,
             **report.counts(),
         },
-        "gsm8k": {"train": len(gsm_train), "eval": len(gsm_eval)},
+        "gsm8k": {
+            "train": len(gsm_train),
+            "eval": len(gsm_eval),
+            # whitespace-only lines skipped in the JSONL files (no record on them), and where (the first 20 per file)
+            "blank_lines_skipped": sum(len(lines) for lines in gsm_blank.values()),
+            "blank_lines": {name: lines[:20] for name, lines in gsm_blank.items()},
+        },
         "embed_triples": len(triples),
-        "embed_triples_without_negatives": sum(1 for t in triples if not t["neg"]),
+        "embed_triples_without_negatives": sum(1 for t in triples if not t.neg),
         "leak_check": {"passed": True, "leaks": 0},
         "repairs": report.repairs,
         "drops": report.drops,

@@ -13,15 +13,15 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from ragtune.config import Config
-from ragtune.io import DataError, iter_jsonl
 from ragtune.metrics import retrieval_metrics
+from ragtune.records import ReadingQuestion, Triple
 
 # CJK ideographs (unified, extension A, compatibility): the characters an English vocabulary lacks.
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -42,6 +42,9 @@ class RetrievalEvalSettings(Config):
 class EmbedFtConfig(Config):
     """`embed_ft` (conf/embed_ft/default.yaml): the contrastive fine-tune of the embedder."""
 
+    launcher: Literal["python", "accelerate"] = Field(
+        "python", description="python, or accelerate: the stage re-runs itself under `accelerate launch`")
+    accelerate_config: str = Field("conf/accelerate/multi_gpu.yaml", description="accelerate's config file (launcher=accelerate)")
     lr: float = Field(2.0e-5, gt=0, description="learning rate")
     max_samples: int | None = Field(None, gt=0, description="training triples used (a seeded subset); null = all")
     negatives: int = Field(7, ge=0, description="hard negatives per query (group size 1 + negatives), plus in-batch negatives")
@@ -64,47 +67,25 @@ class EmbedFtConfig(Config):
 # --------------------------------------------------------------------------- data
 
 
-def load_triples(path: str | Path, max_samples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Validated FlagEmbedding records; `max_samples` keeps a seeded random subset."""
-    rows = []
-    for lineno, record in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(record.get("query"), str) or not record["query"].strip():
-            raise DataError(f"{where}: 'query' must be a non-empty string")
-        for field in ("pos", "neg"):
-            value = record.get(field, [] if field == "neg" else None)
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                raise DataError(f"{where}: '{field}' must be a list of strings")
-        if not record["pos"]:
-            raise DataError(f"{where}: 'pos' is empty")
-        rows.append({"query": record["query"], "pos": record["pos"], "neg": record.get("neg", []),
-                     "prompt": record.get("prompt") or ""})
-    if not rows:
-        raise DataError(f"{path}: no training triples")
-    if max_samples and max_samples < len(rows):
-        rows = random.Random(seed).sample(rows, max_samples)
-    return rows
-
-
-def triples_dataset(rows: Sequence[Mapping[str, Any]], negatives: int, seed: int = 0):
+def triples_dataset(rows: Sequence[Triple], negatives: int, seed: int = 0):
     """A datasets.Dataset (anchor, positive, negative_1..n) for MultipleNegativesRankingLoss: the
     record's prompt prepended to the query, one positive and `negatives` hard negatives drawn with a
     seed (rows with fewer negatives are topped up from other rows' negatives so columns stay full)."""
     from datasets import Dataset
 
     rng = random.Random(seed)
-    pool = [n for r in rows for n in r["neg"]] or [p for r in rows for p in r["pos"]]
+    pool = [n for r in rows for n in r.neg] or [p for r in rows for p in r.pos]
     columns: dict[str, list[str]] = {"anchor": [], "positive": []}
     for i in range(negatives):
         columns[f"negative_{i + 1}"] = []
     for row in rows:
-        positive = rng.choice(row["pos"])
-        negs = rng.sample(row["neg"], min(negatives, len(row["neg"])))
+        positive = rng.choice(row.pos)
+        negs = rng.sample(row.neg, min(negatives, len(row.neg)))
         while len(negs) < negatives:
             extra = rng.choice(pool)
-            if extra not in row["pos"]:
+            if extra not in row.pos:
                 negs.append(extra)
-        columns["anchor"].append(row["prompt"] + row["query"])
+        columns["anchor"].append(row.prompt + row.query)
         columns["positive"].append(positive)
         for i, text in enumerate(negs):
             columns[f"negative_{i + 1}"].append(text)
@@ -150,7 +131,7 @@ def extend_cjk_vocabulary(model, texts: Sequence[str], min_count: int = 2) -> in
 # --------------------------------------------------------------------------- training
 
 
-def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: EmbedFtConfig, *, work_dir: str | Path,
+def fine_tune(model, rows: Sequence[Triple], cfg: EmbedFtConfig, *, work_dir: str | Path,
               seed: int, device: str = "cpu", callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train `model` (a SentenceTransformer, changed in place) on the triples; returns a summary."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -203,29 +184,13 @@ def fine_tune(model, rows: Sequence[Mapping[str, Any]], cfg: EmbedFtConfig, *, w
 # --------------------------------------------------------------------------- evaluation
 
 
-def load_retrieval_eval(path: str | Path, max_queries: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The retrieval eval questions (a seeded subset of `max_queries`). Blank questions (CMRC has a
-    few) are skipped: no retriever can answer them."""
-    rows = []
-    for lineno, record in iter_jsonl(path):
-        if not isinstance(record.get("query"), str) or not isinstance(record.get("gold_chunk_ids"), list):
-            raise DataError(f"{path}:{lineno}: needs a string 'query' and a list 'gold_chunk_ids'")
-        if not record["gold_chunk_ids"]:
-            raise DataError(f"{path}:{lineno}: 'gold_chunk_ids' is empty")
-        if record["query"].strip():
-            rows.append(record)
-    if max_queries and max_queries < len(rows):
-        rows = random.Random(seed).sample(rows, max_queries)
-    return rows
-
-
-def evaluate(retriever, eval_rows: Sequence[Mapping[str, Any]], cutoff: int = 10,
+def evaluate(retriever, eval_rows: Sequence[ReadingQuestion], cutoff: int = 10,
              ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
-    """retrieval_metrics of `retriever` on the eval questions, plus queries/s."""
+    """retrieval_metrics of `retriever` on held-out questions (relevant: their gold_chunk_ids), plus queries/s."""
     start = time.time()
-    hits = retriever.retrieve_many([r["query"] for r in eval_rows], cutoff)
+    hits = retriever.retrieve_many([r.question for r in eval_rows], cutoff)
     seconds = max(time.time() - start, 1e-9)
     ranked = [[chunk_id for chunk_id, _ in h] for h in hits]
-    metrics = retrieval_metrics(ranked, [list(r["gold_chunk_ids"]) for r in eval_rows], tuple(ks), cutoff)
+    metrics = retrieval_metrics(ranked, [list(r.gold_chunk_ids) for r in eval_rows], tuple(ks), cutoff)
     metrics["queries_per_s"] = round(len(eval_rows) / seconds, 1)
     return metrics

@@ -33,6 +33,8 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"  # "length" when the token budget cut it off
+    repetition_stopped: bool = False  # the repetition guard ended a loop (finish_reason stays "stop")
+    forced_box: bool = False  # a maths answer without a box got one (package.force_box)
 
 
 _RAGGED_END = re.compile(r"[\s\ufffd]+$")
@@ -47,19 +49,52 @@ def _finish_reason(hit_eos: bool, new_tokens: int, max_new_tokens: int) -> str:
     return "stop" if hit_eos or new_tokens < max_new_tokens else "length"
 
 
-class _StreamWatch:
-    """A stopping criterion that counts decoding steps and stops when the consumer has gone."""
+def repeating_period(tokens: Sequence[int], window: int) -> int | None:
+    """The shortest period p (at most window // 3) such that the last `window` tokens repeat every p
+    tokens, or None: a loop like '1 1 1 1 ...' or '= 24 = 24 = 24 ...'. Legitimate text repeats a
+    span three times over `window` tokens (48 by default) almost never."""
+    if window <= 0 or len(tokens) < window:
+        return None
+    tail = list(tokens[-window:])
+    for period in range(1, window // 3 + 1):
+        if tail[period:] == tail[:-period]:
+            return period
+    return None
 
-    def __init__(self, cancel: threading.Event | None):
-        self.cancel, self.steps, self.last_token = cancel, 0, None
+
+def cut_loop(tokens: list[int], window: int) -> tuple[list[int], bool]:
+    """`tokens` with a repeating tail (see repeating_period) cut down to one copy of the repeated unit."""
+    period = repeating_period(tokens, window)
+    if period is None:
+        return tokens, False
+    start = len(tokens) - window
+    while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
+        start -= 1
+    return tokens[: start + period], True
+
+
+class _Watch:
+    """Stopping criterion for batched and streamed decoding: ends a row whose new tokens loop
+    (repetition guard), and every row once `cancel` is set (the client went away)."""
+
+    def __init__(self, prompt_len: int, window: int, cancel: threading.Event | None = None):
+        self.prompt_len, self.window, self.cancel = prompt_len, window, cancel
+        self.steps, self.last_token = 0, None
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         self.steps += 1
         self.last_token = int(input_ids[0, -1])
-        stop = self.cancel is not None and self.cancel.is_set()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        stop = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.cancel is not None and self.cancel.is_set():
+            return stop | True
+        new = input_ids[:, self.prompt_len :]
+        if self.window and new.shape[1] >= self.window:
+            tail = new[:, -self.window :]
+            for period in range(1, self.window // 3 + 1):
+                stop |= (tail[:, period:] == tail[:, :-period]).all(dim=1)
+        return stop
 
 
 class TransformersGenerator:
@@ -67,7 +102,8 @@ class TransformersGenerator:
 
     Prompts are sorted by token length before batching so that each batch holds little padding;
     answers come back in the caller's order, decoded without special tokens and stripped (also of
-    a half character left where the token budget ran out).
+    a half character left where the token budget ran out). A repetition guard (`repeat_window`
+    tokens, 0 = off) ends a row that loops and keeps one copy of the repeated unit.
     """
 
     def __init__(
@@ -80,6 +116,7 @@ class TransformersGenerator:
         device: str = "cpu",
         system: str | None = None,
         merge_adapter: bool = True,
+        repeat_window: int = 0,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,13 +124,12 @@ class TransformersGenerator:
         self.base_dir = Path(base_dir)
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self.batch_size = max(1, int(batch_size))
-        self.system = system
+        self.system, self.device, self.repeat_window = system, device, int(repeat_window)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = device
-        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=getattr(torch, dtype)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=getattr(torch, dtype))
         if self.adapter_dir is not None:
             from peft import PeftModel
 
@@ -102,11 +138,15 @@ class TransformersGenerator:
             model = PeftModel.from_pretrained(model, self.adapter_dir)
             if merge_adapter:  # same function, no per-layer LoRA detour at every decoding step
                 model = model.merge_and_unload()
-        self.model = model.eval()
+        self.model = model.to(device).eval()
         self._lock = threading.Lock()  # one forward pass at a time when a server shares the model
 
-    def prompt(self, user_text: str) -> str:
-        return apply_chat_template(self.tokenizer, user_text, self.system)
+    def prompt(self, user_text: str, prefix: str = "") -> str:
+        """The chat-templated prompt; `prefix` starts the assistant's turn (to continue an answer)."""
+        return apply_chat_template(self.tokenizer, user_text, self.system) + prefix
+
+    def count_tokens(self, user_text: str) -> int:
+        return len(self.tokenizer(self.prompt(user_text), add_special_tokens=False)["input_ids"])
 
     def _generation_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
         return {
@@ -126,10 +166,14 @@ class TransformersGenerator:
     def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
         return [c.text for c in self.generate_detailed(user_texts, max_new_tokens)]
 
-    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int) -> list[Completion]:
+    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int,
+                          prefixes: Sequence[str] | None = None) -> list[Completion]:
+        """Greedy answers; with `prefixes`, each answer continues the given start of the assistant's turn
+        (the returned text is the continuation only)."""
         import torch
+        from transformers import StoppingCriteriaList
 
-        prompts = [self.prompt(t) for t in user_texts]
+        prompts = [self.prompt(t, prefixes[i] if prefixes else "") for i, t in enumerate(user_texts)]
         lengths = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         eos_ids = self._eos_ids()
@@ -139,19 +183,26 @@ class TransformersGenerator:
             enc = self.tokenizer(
                 [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(self.device)
+            watch = _Watch(enc["input_ids"].shape[1], self.repeat_window)
             with self._lock, torch.inference_mode():
-                out = self.model.generate(**enc, **self._generation_kwargs(max_new_tokens))
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for row, i, text in zip(new_tokens.tolist(), batch, texts, strict=True):
-                ended = next((n for n, token in enumerate(row, start=1) if token in eos_ids), None)
-                answers[i] = Completion(
-                    _clean(text),
-                    prompt_tokens=lengths[i],
-                    completion_tokens=ended or len(row),
-                    finish_reason=_finish_reason(ended is not None, len(row), max_new_tokens),
-                )
+                out = self.model.generate(**enc, stopping_criteria=StoppingCriteriaList([watch]),
+                                          **self._generation_kwargs(max_new_tokens))
+            for row, i in zip(out[:, enc["input_ids"].shape[1] :].tolist(), batch, strict=True):
+                answers[i] = self._completion(row, lengths[i], max_new_tokens, eos_ids)
         return answers
+
+    def _completion(self, row: list[int], prompt_tokens: int, max_new_tokens: int, eos_ids: set[int]) -> Completion:
+        """Decode one row: up to its first EOS (a row the guard stopped is padded with EOS too), with a
+        repeating tail cut to one copy of its unit."""
+        ended = next((n for n, token in enumerate(row, start=1) if token in eos_ids), None)
+        body, looped = cut_loop(row[: ended - 1] if ended else row, self.repeat_window)
+        return Completion(
+            _clean(self.tokenizer.decode(body, skip_special_tokens=True)),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=(ended - 1 if looped else ended) if ended else len(row),
+            finish_reason="stop" if looped else _finish_reason(ended is not None, len(row), max_new_tokens),
+            repetition_stopped=looped,
+        )
 
     def stream(
         self,
@@ -159,17 +210,19 @@ class TransformersGenerator:
         max_new_tokens: int,
         cancel: threading.Event | None = None,
         stats: dict[str, Any] | None = None,
+        prefix: str = "",
     ) -> Iterator[str]:
         """Pieces of the answer as they are decoded (for the server's streaming responses). Setting
-        `cancel` (the client went away) stops decoding at the next token; `stats` receives
-        prompt_tokens, completion_tokens and finish_reason at the end."""
+        `cancel` (the client went away) stops decoding at the next token; the repetition guard ends a
+        loop (its repeats may already be streamed); `stats` receives prompt_tokens,
+        completion_tokens, finish_reason and repetition_stopped at the end."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        enc = self.tokenizer([self.prompt(user_text)], return_tensors="pt", add_special_tokens=False).to(self.device)
+        enc = self.tokenizer([self.prompt(user_text, prefix)], return_tensors="pt", add_special_tokens=False).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         eos_ids = self._eos_ids()
-        watch = _StreamWatch(cancel)
+        watch = _Watch(enc["input_ids"].shape[1], self.repeat_window, cancel)
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -206,10 +259,13 @@ class TransformersGenerator:
         if errors:
             raise errors[0]
         if stats is not None:
+            hit_eos = watch.last_token in eos_ids
+            looped = not hit_eos and watch.steps < max_new_tokens and not (cancel is not None and cancel.is_set())
             stats.update(
                 prompt_tokens=int(enc["input_ids"].shape[1]),
                 completion_tokens=watch.steps,
-                finish_reason=_finish_reason(watch.last_token in eos_ids, watch.steps, max_new_tokens),
+                finish_reason="stop" if looped else _finish_reason(hit_eos, watch.steps, max_new_tokens),
+                repetition_stopped=looped,
             )
 
 
@@ -238,12 +294,18 @@ class OpenAIGenerator:
         self.max_concurrency = max(1, int(max_concurrency))
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
-    def _one(self, user_text: str, max_new_tokens: int) -> Completion:
+    def _messages(self, user_text: str, prefix: str = "") -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """The chat messages, and vLLM's way to continue a started assistant turn when `prefix` is given."""
+        messages = chat_messages(user_text, self.system)
+        if not prefix:
+            return messages, {}
+        continued = messages + [{"role": "assistant", "content": prefix}]
+        return continued, {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+
+    def _one(self, user_text: str, max_new_tokens: int, prefix: str = "") -> Completion:
+        messages, extra = self._messages(user_text, prefix)
         resp = self.client.chat.completions.create(
-            model=self.model,
-            messages=chat_messages(user_text, self.system),
-            max_tokens=int(max_new_tokens),
-            temperature=0.0,
+            model=self.model, messages=messages, max_tokens=int(max_new_tokens), temperature=0.0, **extra
         )
         usage = resp.usage
         return Completion(
@@ -256,9 +318,11 @@ class OpenAIGenerator:
     def generate(self, user_texts: Sequence[str], max_new_tokens: int) -> list[str]:
         return [c.text for c in self.generate_detailed(user_texts, max_new_tokens)]
 
-    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int) -> list[Completion]:
+    def generate_detailed(self, user_texts: Sequence[str], max_new_tokens: int,
+                          prefixes: Sequence[str] | None = None) -> list[Completion]:
+        prefixes = prefixes or [""] * len(user_texts)
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return list(pool.map(lambda t: self._one(t, max_new_tokens), user_texts))
+            return list(pool.map(lambda tp: self._one(tp[0], max_new_tokens, tp[1]), zip(user_texts, prefixes)))
 
     def stream(
         self,
@@ -266,13 +330,11 @@ class OpenAIGenerator:
         max_new_tokens: int,
         cancel: threading.Event | None = None,
         stats: dict[str, Any] | None = None,
+        prefix: str = "",
     ) -> Iterator[str]:
+        messages, extra = self._messages(user_text, prefix)
         chunks = self.client.chat.completions.create(
-            model=self.model,
-            messages=chat_messages(user_text, self.system),
-            max_tokens=int(max_new_tokens),
-            temperature=0.0,
-            stream=True,
+            model=self.model, messages=messages, max_tokens=int(max_new_tokens), temperature=0.0, stream=True, **extra
         )
         with chunks:  # closing it drops the connection, so the server stops generating
             for chunk in chunks:
@@ -282,16 +344,3 @@ class OpenAIGenerator:
                     stats["finish_reason"] = chunk.choices[0].finish_reason
                 if chunk.choices and (piece := chunk.choices[0].delta.content):
                     yield piece
-
-
-def load_generator(cfg: dict[str, Any]) -> TransformersGenerator | OpenAIGenerator:
-    """A generator from config: `{backend: transformers, base_dir, adapter_dir?, batch_size?, dtype?}`
-    or `{backend: openai, base_url, model, api_key_env?, timeout?, max_concurrency?}`; `system` for both."""
-    backend = cfg.get("backend", "transformers")
-    if backend == "transformers":
-        return TransformersGenerator(cfg["base_dir"], adapter_dir=cfg.get("adapter_dir"), batch_size=cfg["batch_size"],
-                                     dtype=cfg["dtype"], device=cfg["device"], system=cfg["system"])
-    if backend == "openai":
-        return OpenAIGenerator(cfg["base_url"], cfg["model"], api_key_env=cfg["api_key_env"], timeout=cfg["timeout"],
-                               max_concurrency=cfg["max_concurrency"], system=cfg["system"])
-    raise ValueError(f"unknown generator backend '{backend}' (expected transformers or openai)")

@@ -95,21 +95,50 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return count
 
 
+def json_error_reason(err: json.JSONDecodeError, lineno: int | None = None, colno: int | None = None) -> str:
+    """The decoder's whole reason with its position: 'Invalid control character at line 3 column 17'.
+
+    `err.msg` alone is cut short ("Invalid control character at", "Unterminated string starting at"):
+    the position belongs to the sentence. `lineno`/`colno` override the decoder's (a JSONL line is
+    decoded on its own, so its line is the file's line number)."""
+    lineno = err.lineno if lineno is None else lineno
+    colno = err.colno if colno is None else colno
+    msg = err.msg
+    where = f"line {lineno} column {colno}"
+    reason = f"{msg} {where}" if msg.endswith(" at") else f"{msg} at {where}"
+    if msg.startswith("Invalid control character") and 0 <= err.pos < len(err.doc):
+        reason += f" ({err.doc[err.pos]!r} must be escaped inside a string)"
+    return reason
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """One JSON document; a bad file raises DataError with `path:line:column:` and the whole reason."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    try:
+        text = data.decode("utf-8")  # the whole file at once, so the error's offset is the file's
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte offset {err.start} of the file)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {json_error_reason(err)}") from None
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; a bad line raises DataError naming it."""
+def iter_jsonl(path: str | os.PathLike, blank_lines: list[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line; a bad line raises DataError naming it
+    (`path:line:column: malformed JSON: <whole reason>`).
+
+    Blank (whitespace-only) lines are skipped, wherever they are; pass a list as `blank_lines` and
+    the line number of each one skipped is appended to it, so a caller can count and report them
+    (split reports them in stats.json). They are not errors: such a line holds no record, so skipping it
+    loses nothing that reading could recover, and a stray newline in a hand-edited file should not
+    stop a pipeline. A record that was *replaced* by whitespace is a changed file: fetch's pinned
+    sha256 catches that, and the count in the caller's stats shows it."""
     path = Path(path)
     try:
         fh = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
@@ -120,13 +149,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte offset {err.start} of the line)") from None
             if not line.strip():
+                if blank_lines is not None:
+                    blank_lines.append(lineno)
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # without its newline: an error at its end stays on it
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {err.msg}") from None
+                raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON: "
+                                f"{json_error_reason(err, lineno, err.colno)}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record

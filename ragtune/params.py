@@ -115,6 +115,37 @@ def expected_defaults() -> dict[str, str]:
     return files
 
 
+def settings_reference() -> str:
+    """docs/settings.md: every group's keys with their default and one-line help, from the classes."""
+    lines = ["# Settings reference", "",
+             "Generated from the typed config classes by `make params`; the classes are the only place defaults",
+             "live. Override any key with `dvc exp run -S group.key=value`; unknown keys and values out of range",
+             "are errors naming the file, line and key path.", ""]
+    groups = {"(top level)": CommonConfig} | SETTINGS_GROUPS | CHOICE_GROUPS
+    for name, schema in groups.items():
+        classes = list(getattr(schema, "__args__", [schema])[0].__args__) if hasattr(schema, "__metadata__") else [schema]
+        for cls in classes:
+            doc = " ".join((cls.__doc__ or "").split())
+            lines += [f"## `{name}` — {cls.__module__}.{cls.__name__}", "", doc, "", "| key | default | help |", "|---|---|---|"]
+            lines += [f"| `{key}` | {default} | {help_} |" for key, default, help_ in _reference_rows(cls)]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _reference_rows(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    from pydantic_core import PydanticUndefined
+
+    rows = []
+    for name, info in cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _reference_rows(annotation, f"{prefix}{name}.")
+            continue
+        default = "required" if info.default is PydanticUndefined else f"`{_scalar(_plain(info.default))}`"
+        rows.append((f"{prefix}{name}", default.replace("|", "\\|"), (info.description or "").replace("|", "\\|")))
+    return rows
+
+
 def write_defaults(conf_dir: str | os.PathLike = "conf") -> list[Path]:
     written = []
     for rel, text in expected_defaults().items():
@@ -130,6 +161,11 @@ def main() -> None:
     """`make params`: conf/<group>/default.yaml from the classes, then params.yaml from conf/, validated."""
     for path in write_defaults("conf"):
         print(f"wrote {path}")
+    reference = Path("docs/settings.md")
+    reference.parent.mkdir(exist_ok=True)
+    if not reference.exists() or reference.read_text(encoding="utf-8") != settings_reference():
+        reference.write_text(settings_reference(), encoding="utf-8")
+        print(f"wrote {reference}")
     Path("params.yaml").write_text(compose(), encoding="utf-8")
     try:
         validate_all(read_params("params.yaml"))

@@ -7,14 +7,34 @@ from typing import Any
 # The seed's CMRC template, byte for byte.
 CMRC_TEMPLATE = "请用下面的文段的原文来回答问题\n\n### 已知文段:{context}\n\n### 问题:{question}\n"
 
+# What the assistant says when the passages it was given do not hold the answer: sft teaches it
+# (examples whose passages miss the answer), the bundle flags it (`abstained`), eval counts it.
+NO_ANSWER = "文段中没有提到。"
+
 # The maths chain-of-thought instruction: the teacher and the student both see it.
 MATH_TEMPLATE = (
     "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 )
 
 
+# Starts the box when a maths answer ended without one (package.force_box): the model then writes
+# only the final number.
+FORCE_BOX = "\n\nThe final answer is \\boxed{"
+
+
 def cmrc_prompt(context: str, question: str) -> str:
     return CMRC_TEMPLATE.format(context=context, question=question)
+
+
+def join_passages(texts: list[str]) -> str:
+    """Retrieved passages as one context, best first: how the bundle serves them and sft trains on them."""
+    return "\n".join(texts)
+
+
+def is_abstention(answer: str) -> bool:
+    """The answer is the abstention reply (punctuation and spaces aside)."""
+    strip = "。.！!，, \n\t"
+    return answer.strip().strip(strip) == NO_ANSWER.strip(strip)
 
 
 def math_prompt(question: str) -> str:

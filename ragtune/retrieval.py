@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from ragtune.config import Config
-from ragtune.io import DataError, iter_jsonl, require
+from ragtune.io import DataError
 
 _PUNCT_OR_SPACE = re.compile(r"^[\s\W_]+$", re.UNICODE)
 MANIFEST = "retriever.json"
@@ -66,21 +66,6 @@ class Retriever(Protocol):
     def retrieve(self, query: str, k: int) -> Hits: ...
 
     def save(self, folder: str | Path) -> None: ...
-
-
-def read_kb(path: str | Path) -> tuple[list[str], list[str]]:
-    """(chunk ids, texts) of a kb.jsonl; a record without either, or a repeated id, raises DataError."""
-    ids, texts, seen = [], [], set()
-    for lineno, record in iter_jsonl(path):
-        require(record, ("chunk_id", "text"), f"{path}:{lineno}")
-        if record["chunk_id"] in seen:
-            raise DataError(f"{path}:{lineno}: chunk_id '{record['chunk_id']}' repeated")
-        seen.add(record["chunk_id"])
-        ids.append(str(record["chunk_id"]))
-        texts.append(str(record["text"]))
-    if not ids:
-        raise DataError(f"{path}: no chunks")
-    return ids, texts
 
 
 def _write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
@@ -138,7 +123,7 @@ class BM25Index:
         _write_manifest(folder, {"kind": self.kind, "stopwords": self.stopwords, "chunks": len(self.chunk_ids)})
 
     @classmethod
-    def load(cls, folder: str | Path) -> BM25Index:
+    def load(cls, folder: str | Path, device: str = "cpu") -> BM25Index:  # noqa: ARG003 (one signature for every kind)
         import bm25s
 
         folder = Path(folder)
@@ -233,14 +218,14 @@ class DenseIndex:
         )
 
     @classmethod
-    def load(cls, folder: str | Path, model: Any = None) -> DenseIndex:
+    def load(cls, folder: str | Path, model: Any = None, device: str = "cpu") -> DenseIndex:
         """`model` (a folder or SentenceTransformer) is needed only if the folder holds none."""
         folder = Path(folder)
         manifest = _read_manifest(folder, cls.kind)
         if model is None:
             if not manifest.get("model"):
                 raise DataError(f"{folder / MANIFEST}: no model saved with the index; pass model=")
-            model = folder / manifest["model"]
+            model = load_embedder(folder / manifest["model"], device)
         chunk_ids = json.loads((folder / "chunk_ids.json").read_text(encoding="utf-8"))
         return cls(chunk_ids, [], model, manifest.get("query_prompt", ""), embeddings=np.load(folder / "embeddings.npy"))
 
@@ -296,22 +281,23 @@ class HybridIndex:
         )
 
     @classmethod
-    def load(cls, folder: str | Path) -> HybridIndex:
+    def load(cls, folder: str | Path, device: str = "cpu") -> HybridIndex:
         folder = Path(folder)
         manifest = _read_manifest(folder, cls.kind)
-        parts = [load_retriever(folder / name) for name in manifest["parts"]]
+        parts = [load_retriever(folder / name, device) for name in manifest["parts"]]
         return cls(parts, manifest["weights"], manifest["rrf_k"], manifest["candidates"])
 
 
 _KINDS = {cls.kind: cls for cls in (BM25Index, DenseIndex, HybridIndex)}
 
 
-def load_retriever(folder: str | Path) -> Retriever:
-    """Whatever retriever `save` wrote to `folder` (its retriever.json names the kind)."""
+def load_retriever(folder: str | Path, device: str = "cpu") -> Retriever:
+    """Whatever retriever `save` wrote to `folder` (its retriever.json names the kind); a dense model
+    runs on `device`."""
     kind = _read_manifest(Path(folder)).get("kind")
     if kind not in _KINDS:
         raise DataError(f"{Path(folder) / MANIFEST}: unknown retriever kind '{kind}' (expected {sorted(_KINDS)})")
-    return _KINDS[kind].load(folder)
+    return _KINDS[kind].load(folder, device=device)
 
 
 def build_retriever(
@@ -321,14 +307,15 @@ def build_retriever(
     *,
     embedder: Any = None,
     query_prompt: str = "",
+    device: str = "cpu",
 ) -> Retriever:
-    """The retriever `cfg.kind` names over the chunks; dense and hybrid need `embedder` (a folder or a
-    SentenceTransformer)."""
+    """The retriever `cfg.kind` names over the chunks; dense and hybrid need `embedder` (a folder, loaded
+    on `device`, or a SentenceTransformer)."""
     if cfg.kind == "bm25":
         return BM25Index(chunk_ids, texts, cfg.stopwords)
     if embedder is None:
         raise ValueError(f"a {cfg.kind} retriever needs an embedder (folder or SentenceTransformer)")
-    dense = DenseIndex(chunk_ids, texts, embedder, query_prompt, batch_size=cfg.batch_size)
+    dense = DenseIndex(chunk_ids, texts, load_embedder(embedder, device), query_prompt, batch_size=cfg.batch_size)
     if cfg.kind == "dense":
         return dense
     bm25 = BM25Index(chunk_ids, texts, cfg.stopwords)

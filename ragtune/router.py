@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import Field
 
 from ragtune.config import Config
-from ragtune.io import DataError, atomic_dir, iter_jsonl, read_json
-from ragtune.prompts import CMRC_TEMPLATE
+from ragtune.io import DataError, atomic_dir, read_json
+from ragtune.records import CMRC_EVAL, CMRC_TRAIN, GSM8K_EVAL, GSM8K_TRAIN, MathsQuestion, ReadingQuestion, read_records
 
 MATHS, READING = "maths", "reading"
 LABELS = (MATHS, READING)
@@ -99,33 +99,6 @@ def question_shape(questions: Sequence[str]):
 
 
 # --------------------------------------------------------------------------- training questions
-
-_CMRC_QUESTION_MARK = CMRC_TEMPLATE.split("{question}")[0].split("{context}")[1]  # "\n\n### 问题:"
-
-
-def cmrc_question(instruction: str, where: str) -> str:
-    """The question inside a CMRC SFT instruction built from prompts.CMRC_TEMPLATE."""
-    if _CMRC_QUESTION_MARK not in instruction:
-        raise DataError(f"{where}: instruction does not follow the CMRC template")
-    return instruction.rsplit(_CMRC_QUESTION_MARK, 1)[1].strip()
-
-
-def load_jsonl_questions(path: str | os.PathLike) -> list[str]:
-    """The `question` of every record of a JSONL file (gsm8k_*.jsonl, cmrc_eval.jsonl)."""
-    questions = []
-    for lineno, record in iter_jsonl(path):
-        if not isinstance(record.get("question"), str):
-            raise DataError(f"{path}:{lineno}: missing field 'question'")
-        questions.append(record["question"])
-    return questions
-
-
-def load_cmrc_sft_questions(path: str | os.PathLike) -> list[str]:
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of Alpaca records")
-    return [cmrc_question(str(r.get("instruction", "")), f"{path}: record {i}") for i, r in enumerate(records)]
-
 
 # Template material for the shortcut-breaking examples, composed from parts (statements with numbers
 # + a question; lead-in + wh-question + topic) so that the classifier sees structure, not a few fixed
@@ -218,8 +191,8 @@ def synthetic_questions(n_per_label: int, seed: int) -> list[tuple[str, str]]:
 def training_set(prepared_dir: str | os.PathLike, synthetic_per_label: int, seed: int) -> list[tuple[str, str]]:
     """Train questions labelled by where they come from, plus the shortcut-breaking examples."""
     prepared = Path(prepared_dir)
-    pairs = [(q, MATHS) for q in load_jsonl_questions(prepared / "gsm8k_train.jsonl")]
-    pairs += [(q, READING) for q in load_cmrc_sft_questions(prepared / "cmrc_sft_train.json")]
+    pairs = [(q.question, MATHS) for q in read_records(prepared / GSM8K_TRAIN.name, MathsQuestion)]
+    pairs += [(q.question, READING) for q in read_records(prepared / CMRC_TRAIN.name, ReadingQuestion)]
     pairs += synthetic_questions(synthetic_per_label, seed)
     return pairs
 
@@ -229,6 +202,191 @@ def training_set(prepared_dir: str | os.PathLike, synthetic_per_label: int, seed
 
 class Router(Protocol):
     def route_many(self, questions: Sequence[str]) -> list[str]: ...
+
+
+# How a fitted ClassifierRouter is stored: data only, never a pickle. router.json is the folder's
+# manifest; classifier.json holds the vectoriser's settings, vocabulary (n-grams in column order) and
+# idf weights and the logistic regression's classes, coefficients and intercept. The question_shape
+# columns are code, named in the file but never read from it. Loading rebuilds the scikit-learn
+# objects from these numbers, so an edited file can make the router wrong but cannot run code.
+CLASSIFIER_FILE = "classifier.json"
+CLASSIFIER_FORMAT = "ragtune.router.classifier/1"
+# Pickles a router folder once held (or that someone could drop into one): refused, never opened.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+SHAPE_FEATURES = {"function": "question_shape", "columns": 4}
+# Vectoriser settings fixed by ClassifierRouter.fit; a file must state exactly these.
+_VECTORIZER_SETTINGS = {"analyzer": "char_wb", "preprocessor": "normalize_question", "sublinear_tf": True,
+                        "norm": "l2", "use_idf": True, "smooth_idf": True}
+_NGRAM_MAX_LIMIT = 8  # ClassifierRouterConfig.ngram_max's bound
+
+
+def _classifier_pipeline(ngram_max: int, *, c: float = 1.0, seed: int | None = None,
+                         vocabulary: list[str] | None = None):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.preprocessing import FunctionTransformer
+
+    return make_pipeline(
+        make_union(
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, ngram_max), preprocessor=normalize_question,
+                            sublinear_tf=True, min_df=2, norm="l2", use_idf=True, smooth_idf=True,
+                            vocabulary=vocabulary),
+            FunctionTransformer(question_shape),
+        ),
+        LogisticRegression(C=c, max_iter=3000, random_state=seed),
+    )
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) is float or type(x) is int  # not bool, not a numeric string
+
+
+def _finite_vector(value: Any, length: int, what: str, path: Path):
+    """A JSON list of `length` finite numbers -> float64 array; anything else raises DataError."""
+    import numpy as np
+
+    if not isinstance(value, list):
+        raise DataError(f"{path}: {what} must be a list of numbers, got {type(value).__name__}")
+    if len(value) != length:
+        raise DataError(f"{path}: {what} has {len(value)} values, expected {length}")
+    if not all(_is_number(x) for x in value):
+        bad = next(x for x in value if not _is_number(x))
+        raise DataError(f"{path}: {what} holds {bad!r}, expected numbers only")
+    array = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: {what} holds a value that is not finite")
+    return array
+
+
+def _exact_keys(obj: Any, keys: set[str], what: str, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    if set(obj) != keys:
+        missing, extra = sorted(keys - set(obj)), sorted(set(obj) - keys)
+        raise DataError(f"{path}: {what} has unexpected fields (missing {missing}, unexpected {extra})")
+    return obj
+
+
+def _read_strict_json(path: Path) -> Any:
+    """JSON as the spec defines it: NaN, Infinity and -Infinity are refused, not read as floats."""
+
+    def refuse(name: str) -> None:
+        raise DataError(f"{path}: {name} is not a number JSON allows")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+
+
+def refuse_pickles(folder: Path) -> None:
+    """A router folder holding a pickle (classifier.joblib from before routers were saved as JSON,
+    or one dropped in by hand) is refused before anything in it is read: unpickling runs whatever
+    code the file names, so whoever can edit the folder could run code on this machine."""
+    found = sorted(f for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if found:
+        raise DataError(
+            f"{found[0]}: refusing to load a pickled router: unpickling a file runs any code it contains, so "
+            f"whoever can edit this folder could run code here. Routers are saved as {CLASSIFIER_FILE} now; "
+            "delete the pickle and re-save the router (dvc repro router, then rebuild the bundle)"
+        )
+
+
+def classifier_from_json(path: str | os.PathLike) -> Any:
+    """classifier.json -> the fitted scikit-learn pipeline, validated field by field; never unpickles.
+    Anything unexpected (types, shapes, labels, settings, NaN) raises DataError naming `path`."""
+    import numpy as np
+
+    path = Path(path)
+    data = _exact_keys(_read_strict_json(path), {"format", "vectorizer", "shape_features", "logistic_regression"},
+                       "the file", path)
+    if data["format"] != CLASSIFIER_FORMAT:
+        raise DataError(f"{path}: format {data['format']!r}, expected {CLASSIFIER_FORMAT!r}")
+
+    vec = _exact_keys(data["vectorizer"], {*_VECTORIZER_SETTINGS, "ngram_range", "vocabulary", "idf"},
+                      "vectorizer", path)
+    for key, expected in _VECTORIZER_SETTINGS.items():
+        if vec[key] != expected or type(vec[key]) is not type(expected):
+            raise DataError(f"{path}: vectorizer {key} is {vec[key]!r}, expected {expected!r}")
+    ngram_range = vec["ngram_range"]
+    if not (isinstance(ngram_range, list) and len(ngram_range) == 2 and all(type(n) is int for n in ngram_range)
+            and ngram_range[0] == 1 and 1 <= ngram_range[1] <= _NGRAM_MAX_LIMIT):
+        raise DataError(f"{path}: vectorizer ngram_range {ngram_range!r}, expected [1, n] with 1 <= n <= "
+                        f"{_NGRAM_MAX_LIMIT}")
+    ngram_max = ngram_range[1]
+    vocabulary = vec["vocabulary"]
+    if not isinstance(vocabulary, list) or not vocabulary:
+        raise DataError(f"{path}: vectorizer vocabulary must be a non-empty list of n-grams")
+    for i, term in enumerate(vocabulary):
+        if not isinstance(term, str) or not 1 <= len(term) <= ngram_max:
+            raise DataError(f"{path}: vectorizer vocabulary[{i}] is {term!r}, expected a string of 1 to "
+                            f"{ngram_max} characters")
+    if len(set(vocabulary)) != len(vocabulary):
+        seen: set[str] = set()
+        dup = next(t for t in vocabulary if t in seen or seen.add(t))
+        raise DataError(f"{path}: vectorizer vocabulary lists {dup!r} twice")
+    idf = _finite_vector(vec["idf"], len(vocabulary), "vectorizer idf", path)
+    if (idf < 1.0).any():  # smooth idf = ln((1 + n) / (1 + df)) + 1 >= 1
+        raise DataError(f"{path}: vectorizer idf holds a weight below 1, impossible for smoothed idf")
+
+    if data["shape_features"] != SHAPE_FEATURES:
+        raise DataError(f"{path}: shape_features {data['shape_features']!r}, expected {SHAPE_FEATURES!r}")
+
+    lr = _exact_keys(data["logistic_regression"], {"classes", "coef", "intercept"}, "logistic_regression", path)
+    if lr["classes"] != list(LABELS):
+        raise DataError(f"{path}: logistic_regression classes {lr['classes']!r}, expected exactly {list(LABELS)!r}")
+    n_features = len(vocabulary) + SHAPE_FEATURES["columns"]
+    coef = lr["coef"]
+    if not isinstance(coef, list) or len(coef) != 1:
+        raise DataError(f"{path}: logistic_regression coef must be a list of 1 row (two classes), got "
+                        f"{len(coef) if isinstance(coef, list) else type(coef).__name__}")
+    coef = _finite_vector(coef[0], n_features, "logistic_regression coef[0]", path)
+    intercept = _finite_vector(lr["intercept"], 1, "logistic_regression intercept", path)
+
+    pipeline = _classifier_pipeline(ngram_max, vocabulary=vocabulary)
+    vectorizer = pipeline[0].transformer_list[0][1]
+    vectorizer.idf_ = idf  # also builds vocabulary_ from the list, in column order
+    model = pipeline[-1]
+    model.classes_ = np.array(LABELS)
+    model.coef_ = coef.reshape(1, -1)
+    model.intercept_ = intercept
+    model.n_features_in_ = n_features
+    model.n_iter_ = np.zeros(1, dtype=np.int32)
+    return pipeline
+
+
+def classifier_to_json(pipeline: Any) -> dict[str, Any]:
+    """The fitted pipeline ClassifierRouter.fit makes -> the classifier.json object."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    (_, vectorizer), (_, shape) = pipeline[0].transformer_list
+    model = pipeline[-1]
+    params = vectorizer.get_params()
+    settings = {k: params[k] for k in _VECTORIZER_SETTINGS}
+    settings["preprocessor"] = getattr(params["preprocessor"], "__name__", repr(params["preprocessor"]))
+    if (settings != _VECTORIZER_SETTINGS or params["ngram_range"][0] != 1
+            or not (isinstance(shape, FunctionTransformer) and shape.func is question_shape)):
+        raise ValueError("the pipeline is not the one ClassifierRouter.fit builds; cannot save it as JSON")
+    if [str(c) for c in model.classes_] != list(LABELS):
+        raise ValueError(f"the classifier's classes are {list(model.classes_)}, expected {list(LABELS)}")
+    vocabulary = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.__getitem__)
+    return {
+        "format": CLASSIFIER_FORMAT,
+        "vectorizer": {**_VECTORIZER_SETTINGS, "ngram_range": list(params["ngram_range"]),
+                       "vocabulary": vocabulary, "idf": vectorizer.idf_.tolist()},
+        "shape_features": dict(SHAPE_FEATURES),
+        "logistic_regression": {"classes": list(LABELS), "coef": model.coef_.tolist(),
+                                "intercept": model.intercept_.tolist()},
+    }
 
 
 class ClassifierRouter:
@@ -242,22 +400,11 @@ class ClassifierRouter:
     @classmethod
     def fit(cls, pairs: Sequence[tuple[str, str]], *, seed: int, ngram_max: int, c: float):
         import numpy as np
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline, make_union
-        from sklearn.preprocessing import FunctionTransformer
 
         bad = sorted({label for _, label in pairs} - set(LABELS))
         if bad:
             raise ValueError(f"unknown training labels {bad}")
-        pipeline = make_pipeline(
-            make_union(
-                TfidfVectorizer(analyzer="char_wb", ngram_range=(1, ngram_max), preprocessor=normalize_question,
-                                sublinear_tf=True, min_df=2),
-                FunctionTransformer(question_shape),
-            ),
-            LogisticRegression(C=c, max_iter=3000, random_state=seed),
-        )
+        pipeline = _classifier_pipeline(ngram_max, c=c, seed=seed)
         questions = [q for q, _ in pairs]
         labels = [label for _, label in pairs]
         # Every (language, label) cell weighs the same in total, so 7,000 English maths questions
@@ -276,13 +423,20 @@ class ClassifierRouter:
     def route(self, question: str) -> str:
         return self.route_many([question])[0]
 
+    def probabilities(self, questions: Sequence[str]):
+        """P(label | question) as an (n, 2) array, columns in LABELS order."""
+        return self.pipeline.predict_proba(list(questions))
+
     def save(self, folder: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
-        import joblib
+        """router.json (manifest) + classifier.json (the fitted numbers); no pickle."""
         import sklearn
 
+        payload = classifier_to_json(self.pipeline)
         with atomic_dir(folder) as tmp:
-            joblib.dump(self.pipeline, tmp / "classifier.joblib")
-            meta = {"kind": self.kind, "labels": list(LABELS), "sklearn": sklearn.__version__, **(info or {})}
+            (tmp / CLASSIFIER_FILE).write_text(json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n",
+                                               encoding="utf-8")
+            meta = {**(info or {}), "kind": self.kind, "format": CLASSIFIER_FORMAT, "labels": list(LABELS),
+                    "classifier": CLASSIFIER_FILE, "sklearn": sklearn.__version__}
             (tmp / "router.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
@@ -320,16 +474,25 @@ class LLMRouter:
 
 
 def load_router(folder: str | os.PathLike) -> ClassifierRouter | LLMRouter:
+    """The router saved in `folder`. A folder holding a pickle (such as a leftover classifier.joblib)
+    is refused with DataError, never unpickled; a classifier is rebuilt from JSON and validated."""
     folder = Path(folder)
-    meta = read_json(folder / "router.json")
+    refuse_pickles(folder)
+    manifest_path = folder / "router.json"
+    meta = read_json(manifest_path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{manifest_path}: expected a JSON object, got {type(meta).__name__}")
     kind = meta.get("kind")
     if kind == "classifier":
-        import joblib
-
-        return ClassifierRouter(joblib.load(folder / "classifier.joblib"))
+        if meta.get("format") != CLASSIFIER_FORMAT or meta.get("classifier") != CLASSIFIER_FILE:
+            raise DataError(f"{manifest_path}: format {meta.get('format')!r} / classifier {meta.get('classifier')!r}, "
+                            f"expected {CLASSIFIER_FORMAT!r} / {CLASSIFIER_FILE!r} (re-save the router)")
+        if meta.get("labels") != list(LABELS):
+            raise DataError(f"{manifest_path}: labels {meta.get('labels')!r}, expected exactly {list(LABELS)!r}")
+        return ClassifierRouter(classifier_from_json(folder / CLASSIFIER_FILE))
     if kind == "llm":
         return LLMRouter(meta["base_url"], meta["model"], meta.get("api_key_env"), float(meta.get("timeout", 60)))
-    raise DataError(f"{folder / 'router.json'}: unknown router kind {kind!r} (expected classifier or llm)")
+    raise DataError(f"{manifest_path}: unknown router kind {kind!r} (expected classifier or llm)")
 
 
 def build_router(cfg: ClassifierRouterConfig | LLMRouterConfig, prepared_dir: str | os.PathLike,
@@ -426,8 +589,8 @@ def heldout_sets(prepared_dir: str | os.PathLike) -> dict[str, list[tuple[str, s
     """Named held-out sets of (question, label): GSM8K test, CMRC trial, and the hand-written ones."""
     prepared = Path(prepared_dir)
     return {
-        "gsm8k_eval": [(q, MATHS) for q in load_jsonl_questions(prepared / "gsm8k_eval.jsonl")],
-        "cmrc_eval": [(q, READING) for q in load_jsonl_questions(prepared / "cmrc_eval.jsonl")],
+        "gsm8k_eval": [(q.question, MATHS) for q in read_records(prepared / GSM8K_EVAL.name, MathsQuestion)],
+        "cmrc_eval": [(q.question, READING) for q in read_records(prepared / CMRC_EVAL.name, ReadingQuestion)],
         "handwritten_zh_maths": [(q, MATHS) for q in HANDWRITTEN_ZH_MATHS],
         "handwritten_en_reading": [(q, READING) for q in HANDWRITTEN_EN_READING],
         "handwritten_arithmetic": [(q, MATHS) for q in HANDWRITTEN_ARITHMETIC],

@@ -17,6 +17,7 @@ from ragtune.config import Config
 from ragtune.io import DataError, atomic_path, sha256_file
 
 MIRROR_ENV = "RAGTUNE_DATA_MIRROR"
+RAW = Path("data/raw")  # fetch's out: every dataset file under <dataset>/<file>
 
 
 class DatasetSpec(Config):

@@ -6,7 +6,10 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,11 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def mlflow_key(key: str) -> str:
+    """A key MLflow accepts (alphanumerics, _ - . space : /): anything else becomes '_'."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -62,14 +70,69 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _experiment_id(mlflow) -> str:
-    found = mlflow.get_experiment_by_name(EXPERIMENT)
+def _local_path(uri: str) -> Path | None:
+    """The folder a `file:` URI or plain path names (resolved); None for remote schemes (s3:, mlflow-artifacts:, ...)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path)).resolve()  # url2pathname unquotes %xx
+    if parsed.scheme == "":
+        return Path(uri).resolve()
+    return None
+
+
+def _sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest).resolve()
+
+
+def _belongs_here(artifact_location: str, uri: str) -> bool:
+    """Whether an experiment's artifacts land in this project: a local artifact folder must be inside
+    the repo root or beside the sqlite store that records it. The store keeps the absolute folder it
+    was created with, so a copy of the project (or a clone that brought mlflow.db along) would log
+    into the other checkout. Remote artifact stores and non-sqlite tracking servers are left alone."""
+    folder = _local_path(artifact_location)
+    db = _sqlite_db_path(uri)
+    if folder is None or db is None:
+        return True
+    return any(folder.is_relative_to(home) for home in (repo_root(), db.parent))
+
+
+def _get_or_create(mlflow, name: str) -> Any:
+    found = mlflow.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
+        return found
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root())
+        mlflow.create_experiment(name, artifact_location=artifact_root())
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
-        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        pass
+    return mlflow.get_experiment_by_name(name)
+
+
+def _experiment_id(mlflow, uri: str | None = None) -> str:
+    """The `ragtune` experiment; in a copy of the project whose mlflow.db still points `ragtune`'s
+    artifacts at the original checkout, `ragtune (<this root>)`, with artifacts in this root's
+    mlartifacts (and a line on stderr saying so)."""
+    uri = uri or mlflow.get_tracking_uri()
+    experiment = _get_or_create(mlflow, EXPERIMENT)
+    if _belongs_here(experiment.artifact_location, uri):
+        return experiment.experiment_id
+    own_name = f"{EXPERIMENT} ({repo_root()})"
+    own = _get_or_create(mlflow, own_name)
+    if not _belongs_here(own.artifact_location, uri):  # cannot happen unless edited by hand: fail, never log elsewhere
+        raise RuntimeError(f"MLflow experiment '{own_name}' keeps its artifacts in {own.artifact_location}, "
+                           f"outside {repo_root()}")
+    print(
+        f"tracking: MLflow experiment '{EXPERIMENT}' in {uri} keeps its artifacts in {experiment.artifact_location}, "
+        f"outside this project {repo_root()} (a copy, a clone or a move that brought mlflow.db along); logging to "
+        f"experiment '{own_name}', artifacts in {artifact_root()}",
+        file=sys.stderr,
+    )
+    return own.experiment_id
 
 
 @contextlib.contextmanager
@@ -77,8 +140,9 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[A
     """Open the MLflow run for one stage; yields the `mlflow` module for logging inside it."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = _experiment_id(mlflow)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(mlflow, uri)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     tags = {"dvc.stage": stage, "dvc.exp_name": exp_name}
     if commit := _git_commit():
@@ -86,7 +150,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[A
         tags["mlflow.source.git.commit"] = commit
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{exp_name}/{stage}", tags=tags):
         if params:
-            flat = {k: ("" if v is None else str(v)[:500]) for k, v in flatten(params).items()}
+            flat = {mlflow_key(k): ("" if v is None else str(v)[:500]) for k, v in flatten(params).items()}
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 mlflow.log_params(dict(items[i : i + 100]))

@@ -7,9 +7,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
-import sys
-from collections.abc import Mapping, Sequence
+import struct
+import zipfile
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +19,17 @@ from pydantic import Field, model_validator
 
 from ragtune.config import Config
 from ragtune.data import seeded_sample
-from ragtune.io import DataError, read_json, require, sha256_file
+from ragtune.devices import (  # the launcher helpers live beside the device decisions; re-exported here
+    LAUNCHER_PID,  # noqa: F401
+    UNDER_ACCELERATE,  # noqa: F401
+    accelerate_command,  # noqa: F401
+    exit_with_launcher,  # noqa: F401
+    relaunch_under_accelerate,  # noqa: F401
+    training_precision,
+    under_accelerate,  # noqa: F401
+)
+from ragtune.raft import ContextSettings
+from ragtune.io import DataError, sha256_file
 from ragtune.prompts import alpaca_user_text, apply_chat_template, chat_messages
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -39,7 +51,7 @@ class LoraSettings(Config):
 class MixShares(Config):
     """Shares of the training sample per source; a source short of its share gives all it has."""
 
-    cmrc: float = Field(0.8, ge=0, description="CMRC reading records (data/prepared/cmrc_sft_train.json)")
+    cmrc: float = Field(0.8, ge=0, description="CMRC reading records (contexts built by ragtune.raft)")
     distilled: float = Field(0.2, ge=0, description="distilled maths chain-of-thought records (data/distill)")
 
 
@@ -50,6 +62,8 @@ class SftConfig(Config):
     launcher: Literal["python", "accelerate"] = Field(
         "python", description="python, or accelerate: the stage re-runs itself under `accelerate launch`")
     accelerate_config: str = Field("conf/accelerate/multi_gpu.yaml", description="accelerate's config file (launcher=accelerate)")
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="none, or 4bit: QLoRA (bitsandbytes nf4, double quant, bf16 compute) for a 7B on one GPU; needs CUDA")
     mix: MixShares = Field(MixShares(), description="shares of the training sample per source")
     max_samples: int | None = Field(20000, gt=0, description="seeded sample of the mix (null: everything)")
     val_size: float = Field(0.01, ge=0, description="held out for eval loss: a fraction (< 1) or a count")
@@ -68,6 +82,7 @@ class SftConfig(Config):
     eval_steps: int = Field(100, ge=1, description="steps between eval losses")
     save_steps: int = Field(100, ge=1, description="steps between checkpoints in models/sft/checkpoints (resumed after a crash)")
     lora: LoraSettings = Field(LoraSettings(), description="the adapter's shape")
+    contexts: ContextSettings = Field(ContextSettings(), description="how each CMRC example's context is built (ragtune.raft)")
 
     @model_validator(mode="after")
     def _some_source(self) -> SftConfig:
@@ -77,23 +92,6 @@ class SftConfig(Config):
 
 
 # --------------------------------------------------------------------------- data
-
-
-def read_alpaca(path: str | os.PathLike, required: bool = True) -> list[dict[str, str]]:
-    """Alpaca records [{instruction, input, output}]; a missing optional file is an empty list."""
-    path = Path(path)
-    if not path.exists() and not required:
-        return []
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of Alpaca records")
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
-        require(rec, ("instruction", "output"), f"{path}: record {i}")
-        if not isinstance(rec["output"], str) or not rec["output"].strip():
-            raise DataError(f"{path}: record {i}: empty 'output'")
-    return records
 
 
 def mix_sources(
@@ -199,27 +197,110 @@ def fingerprint(settings: Mapping[str, Any], files: Sequence[str | os.PathLike])
     return digest.hexdigest()
 
 
-def last_checkpoint(checkpoint_dir: str | os.PathLike, print_fn=print) -> str | None:
-    """The last checkpoint to resume from, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's folders, as get_last_checkpoint reads them
 
+
+def checkpoint_problem(folder: str | os.PathLike, expected_keys: Collection[str] | None = None) -> str | None:
+    """Why the Trainer could not resume from `folder` (a torn save: killed mid-write, a full disk, a
+    cut copy), or None when it is complete: trainer_state.json (written last) parses, the adapter's
+    config parses and its weights load with exactly `expected_keys` (when given), and every torch
+    archive beside them (optimizer, scheduler, RNG states) is whole."""
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE
+    if not state_file.is_file():
+        return f"no {TRAINER_STATE} (the Trainer writes it last: the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{TRAINER_STATE} does not parse ({err})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} has no global_step"
+    try:
+        if not isinstance(json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")), dict):
+            return f"{ADAPTER_CONFIG} is not a JSON object"
+    except FileNotFoundError:
+        return f"no {ADAPTER_CONFIG}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{ADAPTER_CONFIG} does not parse ({err})"
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return f"no {ADAPTER_WEIGHTS}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            keys = set(fh.keys())
+            for key in keys:  # read every tensor: a truncated file fails here, not in the Trainer
+                fh.get_tensor(key)
+    except Exception as err:  # safetensors raises its own error types (and OSError, ValueError)
+        return f"{ADAPTER_WEIGHTS} does not load ({type(err).__name__}: {err})"
+    if not keys:
+        return f"{ADAPTER_WEIGHTS} holds no tensors"
+    if expected_keys is not None and keys != set(expected_keys):
+        missing, unexpected = sorted(set(expected_keys) - keys), sorted(keys - set(expected_keys))
+        return (f"{ADAPTER_WEIGHTS} does not hold this adapter's tensors ({len(missing)} missing"
+                f"{', e.g. ' + missing[0] if missing else ''}; {len(unexpected)} unexpected"
+                f"{', e.g. ' + unexpected[0] if unexpected else ''})")
+    for archive in sorted([*folder.glob("*.pt"), *folder.glob("rng_state*.pth")]):
+        if not zipfile.is_zipfile(archive):  # torch.save writes a zip; a cut one lacks its directory
+            return f"{archive.name} is truncated (not a whole torch archive)"
+    return None
+
+
+def last_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    print_fn=print,
+    *,
+    expected_keys: Collection[str] | None = None,
+    skipped: list[dict[str, str]] | None = None,
+) -> str | None:
+    """The newest complete checkpoint to resume from, or None.
+
+    A torn one (see `checkpoint_problem`) is skipped, never resumed from: each is printed with its
+    reason and appended to `skipped` as {"checkpoint", "reason"}. It is left in place (every
+    process of a multi-GPU run calls this, so none deletes anything); the Trainer overwrites it
+    when training reaches its step again."""
     checkpoint_dir = Path(checkpoint_dir)
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if last:
-        print_fn(f"sft: resuming from {last}")
-    return last
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    for _, folder in sorted(found, reverse=True):
+        problem = checkpoint_problem(folder, expected_keys)
+        if problem is None:
+            print_fn(f"sft: resuming from {folder}")
+            return str(folder)
+        print_fn(f"sft: skipping torn checkpoint {folder}: {problem}")
+        if skipped is not None:
+            skipped.append({"checkpoint": folder.name, "reason": problem})
+    return None
+
+
+def _recorded_fingerprint(marker: Path) -> str | None:
+    """The fingerprint `marker` records; None when it is missing or torn (then nothing is resumed)."""
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return recorded.get("fingerprint") if isinstance(recorded, dict) else None
 
 
 def reset_if_stale(checkpoint_dir: str | os.PathLike, fp: str, print_fn=print) -> None:
-    """Empty `checkpoint_dir` unless its checkpoints were made with fingerprint `fp`; then record `fp`."""
+    """Empty `checkpoint_dir` unless its checkpoints were made with fingerprint `fp`; then record `fp`.
+    A missing or torn fingerprint file counts as other settings: its checkpoints' origin is unknown."""
+    from ragtune.io import atomic_path
+
     checkpoint_dir = Path(checkpoint_dir)
     marker = checkpoint_dir / FINGERPRINT_FILE
-    if checkpoint_dir.is_dir() and not (marker.exists() and json.loads(marker.read_text())["fingerprint"] == fp):
+    if checkpoint_dir.is_dir() and _recorded_fingerprint(marker) != fp:
         if any(checkpoint_dir.iterdir()):
             print_fn(f"sft: {checkpoint_dir} holds checkpoints of other settings or data; starting afresh")
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    with atomic_path(marker) as tmp:  # never torn itself
+        tmp.write_text(json.dumps({"fingerprint": fp}) + "\n", encoding="utf-8")
 
 
 def lora_config(cfg: LoraSettings, targets: str | Sequence[str]):
@@ -234,9 +315,49 @@ def lora_config(cfg: LoraSettings, targets: str | Sequence[str]):
     )
 
 
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_quantization(quantization: str, device: str, *, has_cuda: bool | None = None,
+                       has_bitsandbytes: bool | None = None) -> None:
+    """Refuse `sft.quantization=4bit` where it cannot run, before anything is loaded: QLoRA's 4-bit
+    kernels (bitsandbytes) need a CUDA GPU. Raises UserError with one line saying what to do."""
+    from ragtune.config import UserError
+
+    if quantization == "none":
+        return
+    if quantization != "4bit":
+        raise UserError(f"sft.quantization '{quantization}' is not one of none, 4bit")
+    if has_cuda is None:
+        from ragtune.devices import cuda_available
+
+        has_cuda = cuda_available()
+    if not has_cuda:
+        raise UserError("sft.quantization=4bit (QLoRA) needs a CUDA GPU and this machine has none: "
+                        "use sft.quantization=none here")
+    if not device.startswith("cuda"):
+        raise UserError(f"sft.quantization=4bit (QLoRA) runs on a CUDA GPU, but device is '{device}': set device=auto or cuda")
+    if not (bitsandbytes_available() if has_bitsandbytes is None else has_bitsandbytes):
+        raise UserError("sft.quantization=4bit (QLoRA) needs bitsandbytes: `pip install bitsandbytes` "
+                        "(or use sft.quantization=none)")
+
+
+def bnb_4bit_config():
+    """QLoRA's quantization: 4-bit NormalFloat weights, double quantization of their scales, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def training_arguments(cfg: SftConfig, *, lr: float, seed: int, output_dir: str | os.PathLike, has_eval: bool,
                        device: str, dtype: str):
-    """Trainer settings: weights stay fp32, `dtype` bfloat16/float16 turns on autocast."""
+    """Trainer settings: weights stay fp32, `dtype` bfloat16/float16 turns on autocast
+    (ragtune.devices.training_precision), `device` cpu keeps the run off any GPU."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -251,8 +372,6 @@ def training_arguments(cfg: SftConfig, *, lr: float, seed: int, output_dir: str 
         warmup_steps=cfg.warmup,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
         seed=seed,
         data_seed=seed,
         logging_steps=cfg.logging_steps,
@@ -267,8 +386,59 @@ def training_arguments(cfg: SftConfig, *, lr: float, seed: int, output_dir: str 
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        use_cpu=device == "cpu",
+        **training_precision(device, dtype),
     )
+
+
+def save_adapter(model, adapter_dir: str | os.PathLike) -> None:
+    """Save a peft model's adapter to `adapter_dir`, byte-identical for identical weights and settings."""
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    make_adapter_deterministic(adapter_dir)
+
+
+def make_adapter_deterministic(adapter_dir: str | os.PathLike) -> None:
+    """Make a saved adapter's bytes depend on its content only: it is a DVC out, and changed bytes
+    for equal weights rerun every stage after sft.
+
+    peft writes `target_modules` (a set once "all-linear" is expanded) in set order, which depends
+    on PYTHONHASHSEED: adapter_config.json is rewritten with sorted module lists and sorted keys.
+    adapter_model.safetensors is deterministic for equal tensors (tensors sorted by dtype and name,
+    peft's one metadata entry); its header is rewritten only if a metadata map with several keys
+    (serialised in hash-map order) ever shows up."""
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):  # sets in peft: order carries nothing
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if weights.is_file():
+        canonicalize_safetensors_header(weights)
+
+
+def canonicalize_safetensors_header(path: str | os.PathLike) -> bool:
+    """Rewrite a safetensors file's header with its `__metadata__` keys sorted when they are not
+    (the Rust writer serialises that map in per-process hash order). True when rewritten."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or list(metadata) == sorted(metadata):
+            return False
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the writer pads it
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            shutil.copyfileobj(fh, out)  # the tensor data: offsets are relative to its start
+    os.replace(tmp, path)
+    return True
 
 
 def train_lora(
@@ -291,8 +461,7 @@ def train_lora(
     fingerprint; save it to `adapter_dir` (main process only). Returns the trainer's log history
     and a summary."""
     import torch
-    from datasets import Dataset
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
     set_seed(seed)
@@ -305,20 +474,37 @@ def train_lora(
     if not train_features:
         raise DataError(f"no training record fits cutoff_len={cfg.cutoff_len}")
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+    # The arguments first: under a launcher they join the process group, which the checkpoint
+    # folder's bookkeeping below needs.
+    args = training_arguments(cfg, lr=lr, seed=seed, output_dir=checkpoint_dir, has_eval=bool(val_features),
+                              device=device, dtype=dtype)
+    print_fn(f"sft: rank {args.process_index} of {args.world_size} training on {args.device} "
+             f"({len(train_features)} examples, per-device batch {cfg.batch_size})")
+    if cfg.quantization == "4bit":
+        check_quantization(cfg.quantization, device)
+        from peft import prepare_model_for_kbit_training
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), quantization_config=bnb_4bit_config(),
+                                                     dtype=torch.bfloat16, device_map={"": args.device.index or 0})
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
     model = get_peft_model(model, lora_config(cfg.lora, lora_targets))
     trainable, total = model.get_nb_trainable_parameters()
 
-    if int(os.environ.get("RANK", "0")) == 0:  # one process manages the folder
-        reset_if_stale(checkpoint_dir, run_fingerprint, print_fn)
-    resume = last_checkpoint(checkpoint_dir, print_fn)
-    args = training_arguments(cfg, lr=lr, seed=seed, output_dir=checkpoint_dir, has_eval=bool(val_features),
-                              device=device, dtype=dtype)
+    # One process manages the folder, the others look only once it is done (a stale checkpoint
+    # must not be resumed by one rank while rank 0 deletes it).
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if args.process_index == 0:
+            reset_if_stale(checkpoint_dir, run_fingerprint, print_fn)
+    torn: list[dict[str, str]] = []
+    resume = last_checkpoint(checkpoint_dir, print_fn, expected_keys=get_peft_model_state_dict(model).keys(), skipped=torn)
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_features),
-        eval_dataset=Dataset.from_list(val_features) if val_features else None,
+        # plain lists of feature dicts: the Trainer needs no `datasets` for them
+        train_dataset=train_features,
+        eval_dataset=val_features or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
     )
     result = trainer.train(resume_from_checkpoint=resume)
@@ -327,11 +513,12 @@ def train_lora(
         evals.append(trainer.evaluate())
     final_eval = evals[-1] if evals else {}
     if adapter_dir is not None and trainer.is_world_process_zero():
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        save_adapter(trainer.model, adapter_dir)
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     return {
         "log_history": history,
+        "torn_checkpoints": torn,  # [{checkpoint, reason}] skipped when looking for one to resume from
         "metrics": {
             "train_loss": run_mean_loss(history),
             "first_loss": train_losses[0] if train_losses else None,
@@ -340,6 +527,7 @@ def train_lora(
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+            "skipped_torn_checkpoints": len(torn),
             "train_examples": len(train_features),
             "val_examples": len(val_features),
             "dropped_too_long": dropped_train + dropped_val,
@@ -348,6 +536,8 @@ def train_lora(
             "trainable_params": trainable,
             "total_params": total,
             "bf16": args.bf16,
+            "quantization": cfg.quantization,
+            "world_size": args.world_size,
             "runtime_s": result.metrics.get("train_runtime"),  # this invocation's, resumed steps excluded
         },
     }
@@ -389,27 +579,3 @@ def write_curves_tsv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]])
         lines += ["\t".join("" if row[c] is None else f"{row[c]:.6g}" for c in columns) for row in rows]
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-
-# --------------------------------------------------------------------------- scale-out
-
-UNDER_ACCELERATE = "RAGTUNE_UNDER_ACCELERATE"
-
-
-def accelerate_command(config_file: str | os.PathLike, script: str | os.PathLike, python: str | None = None) -> list[str]:
-    """`accelerate launch --config_file <config> <script>` run with this interpreter (so the venv's
-    accelerate, whatever PATH says)."""
-    config_file = Path(config_file)
-    if not config_file.is_file():
-        raise FileNotFoundError(f"accelerate config {config_file} not found (see conf/accelerate/)")
-    return [
-        python or sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config_file),
-        str(script),
-    ]
-
-
-def under_accelerate() -> bool:
-    return os.environ.get(UNDER_ACCELERATE) == "1"

@@ -1,28 +1,29 @@
 """embed_ft: contrastive fine-tune of the embedder; retrieval metrics of BM25, base and tuned embedders."""
 
 import json
+import os
 import random
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 from ragtune.config import read_params, run_stage, stage_parser
-from ragtune.devices import resolve_device
-from ragtune.embedding import (
-    EmbedFtConfig,
-    evaluate,
-    extend_cjk_vocabulary,
-    fine_tune,
-    load_retrieval_eval,
-    load_triples,
-    unknown_fraction,
+from ragtune.devices import (
+    exit_with_launcher,
+    pin_training_gpu,
+    relaunch_under_accelerate,
+    resolve_device,
+    under_accelerate,
 )
+from ragtune.data import seeded_sample
+from ragtune.embedding import EmbedFtConfig, evaluate, extend_cjk_vocabulary, fine_tune, unknown_fraction
 from ragtune.io import atomic_dir, write_json
 from ragtune.models import EmbedderConfig
-from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, RetrievalConfig, load_embedder, read_kb
+from ragtune.records import CMRC_EVAL, EMBED_TRAIN, KB, ReadingQuestion, Triple, read_kb, read_records
+from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, RetrievalConfig, load_embedder
 from ragtune.tracking import stage_run
 
-PREPARED = Path("data/prepared")
 BASE = Path("models/base/embedder")
 OUT = Path("models/embed_ft")
 METRICS = Path("reports/embed_ft/metrics.json")
@@ -32,7 +33,7 @@ def select_kb(ids, texts, eval_rows, max_chunks, seed):
     """The whole KB, or (max_chunks set) the eval questions' gold chunks plus a seeded sample of others."""
     if not max_chunks or max_chunks >= len(ids):
         return ids, texts
-    gold = {g for r in eval_rows for g in r["gold_chunk_ids"]}
+    gold = {g for r in eval_rows for g in r.gold_chunk_ids}
     others = [i for i, c in enumerate(ids) if c not in gold]
     keep = {i for i, c in enumerate(ids) if c in gold}
     keep |= set(random.Random(seed).sample(others, max(0, min(len(others), max_chunks - len(keep)))))
@@ -44,22 +45,55 @@ def mlflow_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+def read_inputs(cfg: EmbedFtConfig, seed: int):
+    """The training triples, the scored questions and the (selected) KB."""
+    rows = seeded_sample(read_records(EMBED_TRAIN, Triple), cfg.max_samples, seed)
+    eval_rows = seeded_sample(read_records(CMRC_EVAL, ReadingQuestion), cfg.eval.max_queries, seed)
+    chunks = read_kb(KB)
+    kb_ids, kb_texts = [c.chunk_id for c in chunks], [c.text for c in chunks]
+    kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, cfg.eval.max_chunks, seed)
+    return rows, eval_rows, kb_ids, kb_texts
+
+
+def train_model(cfg: EmbedFtConfig, rows, kb_texts, seed: int, device: str):
+    """The base embedder, its vocabulary extended (when asked), fine-tuned: (model, added tokens, summary)."""
+    model = load_embedder(BASE, device)
+    added = 0
+    if cfg.extend_vocab:
+        corpus = [r.query for r in rows] + [t for r in rows for t in r.pos + r.neg] + kb_texts
+        added = extend_cjk_vocabulary(model, corpus, cfg.vocab_min_count)
+    with tempfile.TemporaryDirectory(prefix="embed_ft.") as work:
+        summary = fine_tune(model, rows, cfg, work_dir=work, seed=seed, device=device)
+    return model, added, summary
+
+
 def main() -> None:
-    params = read_params(stage_parser(__doc__).parse_args().params)
+    args = stage_parser(__doc__).parse_args()
+    params = read_params(args.params)
     cfg, common = params.group("embed_ft", EmbedFtConfig), params.common()
-    seed, device = common.seed, resolve_device(common.device)
+    if cfg.launcher == "accelerate" and not under_accelerate():
+        sys.exit(relaunch_under_accelerate("embed_ft", cfg.accelerate_config, __file__, sys.argv[1:]))
+    if under_accelerate():
+        exit_with_launcher("embed_ft")
+    # one GPU for a single process (before anything asks CUDA)
+    seed, device = common.seed, resolve_device(pin_training_gpu(common.device))
     query_prompt = params.group("embedder", EmbedderConfig).query_prompt
     retrieval = params.group("retrieval", RetrievalConfig)
     eval_cfg = cfg.eval
+    if int(os.environ.get("RANK", "0")) != 0:  # other accelerate processes train alongside; rank 0 scores and writes
+        rows, _, _, kb_texts = read_inputs(cfg, seed)
+        train_model(cfg, rows, kb_texts, seed, device)
+        return
     logged = {"seed": seed, "device": device, "embed_ft": cfg.model_dump(), "embedder": {"query_prompt": query_prompt},
               "retrieval": retrieval.model_dump()}
     with stage_run("embed_ft", logged) as mlflow:
         start = time.time()
-        rows = load_triples(PREPARED / "embed_train.jsonl", cfg.max_samples, seed)
-        eval_rows = load_retrieval_eval(PREPARED / "retrieval_eval.jsonl", eval_cfg.max_queries, seed)
-        kb_ids, kb_texts = read_kb(PREPARED / "kb.jsonl")
-        kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, eval_cfg.max_chunks, seed)
+        rows, eval_rows, kb_ids, kb_texts = read_inputs(cfg, seed)
         score = {"cutoff": eval_cfg.cutoff, "ks": tuple(eval_cfg.ks)}
+
+        # Training first: under a launcher the other ranks wait for rank 0 to join them.
+        model, added, summary = train_model(cfg, rows, kb_texts, seed, device)
+        unk_tuned = unknown_fraction(model, kb_texts[:500])
 
         bm25 = BM25Index(kb_ids, kb_texts, retrieval.stopwords)
         results = {"bm25": evaluate(bm25, eval_rows, **score)}
@@ -70,15 +104,6 @@ def main() -> None:
         base_index = DenseIndex(kb_ids, kb_texts, base_model, query_prompt)
         results["base"] = evaluate(base_index, eval_rows, **score)
         del base_index, base_model
-
-        model = load_embedder(BASE, device)
-        added = 0
-        if cfg.extend_vocab:
-            corpus = [r["query"] for r in rows] + [t for r in rows for t in r["pos"] + r["neg"]] + kb_texts
-            added = extend_cjk_vocabulary(model, corpus, cfg.vocab_min_count)
-        unk_tuned = unknown_fraction(model, kb_texts[:500])
-        with tempfile.TemporaryDirectory(prefix="embed_ft.") as work:
-            summary = fine_tune(model, rows, cfg, work_dir=work, seed=seed, device=device)
         for entry in summary.pop("log_history"):
             if "loss" in entry:
                 mlflow.log_metric("train_loss", float(entry["loss"]), step=int(entry["step"]))

@@ -1,143 +1,145 @@
-"""eval: base against tuned (base + LoRA adapter) on held-out CMRC (gold chunk / BM25 top-k as
-context) and GSM8K; retrieval and router metrics beside them; table, chart, MLflow run."""
+"""eval: score a bundle's own answer path (what `ragtune serve` runs) on held-out CMRC and GSM8K questions,
+by CMRC2018's official rules, with 95 % bootstrap intervals; with --baseline, also the paired
+difference to the base bundle's answers, the report and the chart, and endpoints as extra rows.
 
-import gc
+    python stages/eval.py --bundle bundle_base --out reports/eval_base                           # eval_base
+    python stages/eval.py --bundle bundle --out reports/eval --baseline reports/eval_base        # eval
+"""
+
+import contextlib
 import json
-import time
 from pathlib import Path
 
+from ragtune.bundle import Bundle, checked_base, log_pyfunc_model, read_manifest, resolve_base
 from ragtune.config import read_params, run_stage, stage_parser
-from ragtune.data import seeded_sample
 from ragtune.devices import placement
+from ragtune.engine import VllmConfig, VllmEngine
 from ragtune.evaluate import (
+    AssistantEndpoint,
     EvalConfig,
-    bm25_retrieval_scores,
-    load_rows,
-    run_cmrc,
-    run_math,
-    with_retrieved_contexts,
+    evaluate_bundle,
+    paired_differences,
+    question_sets,
 )
-from ragtune.inference import load_generator
-from ragtune.io import DataError, atomic_dir, read_json
-from ragtune.report import bar_chart, markdown_table
-from ragtune.retrieval import BM25Index, RetrievalConfig, read_kb
-from ragtune.tracking import flatten, stage_run
+from ragtune.inference import OpenAIGenerator
+from ragtune.io import DataError, atomic_dir, read_json, read_jsonl
+from ragtune.records import CMRC_EVAL, GSM8K_EVAL, MathsQuestion, ReadingQuestion, read_records
+from ragtune.report import bar_chart, markdown_report
+from ragtune.tracking import flatten, mlflow_key, stage_run
 
-PREPARED = Path("data/prepared")
-BASE_DIR = Path("models/base/generator")
-ADAPTER_DIR = Path("models/sft/adapter")
-EMBEDDER_DIR = Path("models/base/embedder")
-OUT = Path("reports/eval")
-# Metrics other stages already measured; copied in when their stage has run.
+EMBEDDER = Path("models/base/embedder")  # the seed's similarity metric
 UPSTREAM = {"embed_ft": Path("reports/embed_ft/metrics.json"), "router": Path("reports/router/metrics.json")}
 
 
-def generator_configs(cfg: EvalConfig, names: list[str], device: str, dtype: str) -> dict[str, dict]:
-    """name -> load_generator config: base, tuned (base + adapter), and any configured endpoints."""
-    local = {"backend": "transformers", "base_dir": str(BASE_DIR), "batch_size": cfg.batch_size,
-             "dtype": dtype, "device": device, "system": cfg.system}
-    known = {"base": local, "tuned": local | {"adapter_dir": str(ADAPTER_DIR)}}
-    known |= {name: {"backend": "openai", "system": cfg.system} | spec.model_dump() for name, spec in cfg.endpoints.items()}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise ValueError(f"unknown generators {missing}: expected base, tuned or one of eval.endpoints")
-    if "tuned" in names and not (ADAPTER_DIR / "adapter_config.json").exists():
-        raise DataError(f"{ADAPTER_DIR}: no adapter (run `dvc repro sft` first, or pass --generators base)")
-    return {n: known[n] for n in names}
+def arguments():
+    parser = stage_parser(__doc__)
+    parser.add_argument("--bundle", default="bundle", help="the bundle to score (default: bundle)")
+    parser.add_argument("--out", default="reports/eval", help="output folder (default: reports/eval)")
+    parser.add_argument("--baseline", help="a folder eval wrote for the base bundle: adds the paired differences and the report")
+    return parser.parse_args()
 
 
-def upstream_metrics() -> dict:
-    """Numeric metrics of embed_ft and router when present (the router's error list is left out)."""
+def load_bundle(folder: Path, cfg: EvalConfig, vllm: VllmConfig, device: str, dtype: str, stack):
+    """The bundle with its in-process generator, or with a managed vLLM engine as its generator."""
+    if cfg.backend == "vllm":
+        manifest = read_manifest(folder)
+        adapter = folder / manifest["adapter"] if manifest.get("adapter") else None
+        engine = stack.enter_context(VllmEngine(vllm, checked_base(folder), adapter, log_path=folder.parent / "vllm.log",
+                                                dtype=dtype))
+        return Bundle.load(folder, generator=engine.generator(), device=device)
+    return Bundle.load(folder, device=device, dtype=dtype, batch_size=cfg.batch_size)
+
+
+def endpoint_rows(cfg: EvalConfig, folder: Path, sets, seed: int, embedder) -> dict:
+    """Each configured endpoint scored on the same questions: through the bundle (generator mode) or as a
+    whole assistant."""
     out = {}
-    for name, path in UPSTREAM.items():
-        if path.exists():
-            data = read_json(path)
-            out[name] = {k: v for k, v in flatten(data).items() if isinstance(v, int | float) and "errors" not in k}
+    for name, ep in cfg.endpoints.items():
+        if ep.mode == "assistant":
+            answerer = AssistantEndpoint(ep)
+        else:
+            generator = OpenAIGenerator(ep.base_url, ep.model, api_key_env=ep.api_key_env, timeout=ep.timeout,
+                                        max_concurrency=ep.max_concurrency)
+            answerer = Bundle.load(folder, generator=generator)
+        out[name], _ = evaluate_bundle(answerer, sets, cfg, seed, embedder)
     return out
 
 
-def main(argv=None) -> None:
-    ap = stage_parser(__doc__)
-    ap.add_argument("--generators", help="comma-separated: base, tuned, or names under eval.endpoints "
-                    "(default: eval.generators and every eval.endpoints name)")
-    args = ap.parse_args(argv)
+def baseline_rows(folder: Path) -> tuple[dict, dict]:
+    metrics = read_json(folder / "metrics.json")
+    rows = {p.stem: read_jsonl(p) for p in sorted((folder / "predictions").glob("*.jsonl"))}
+    return metrics, rows
+
+
+def main() -> None:
+    args = arguments()
     params = read_params(args.params)
     cfg, common = params.group("eval", EvalConfig), params.common()
-    retrieval = params.group("retrieval", RetrievalConfig)
-    seed, top_k = common.seed, retrieval.top_k
     device, dtype = placement(common.device, common.dtype)
-    args.generators = args.generators or ",".join(cfg.generators + list(cfg.endpoints))
-    generators = generator_configs(cfg, [n for n in args.generators.split(",") if n], device, dtype)
+    folder, out = Path(args.bundle), Path(args.out)
+    sets = question_sets(read_records(CMRC_EVAL, ReadingQuestion), read_records(GSM8K_EVAL, MathsQuestion), cfg, common.seed)
+    name = "tuned" if read_manifest(folder).get("adapter") else "base"
+    embedder = None
+    if cfg.similarity:
+        from sentence_transformers import SentenceTransformer
 
-    started = time.perf_counter()
-    cmrc_all = load_rows(PREPARED / "cmrc_eval.jsonl", ("id", "question", "answers", "gold_chunk_id", "context"))
-    gsm8k = seeded_sample(load_rows(PREPARED / "gsm8k_eval.jsonl", ("id", "question", "answer")),
-                          cfg.gsm8k_samples, seed)
-    chunk_ids, texts = read_kb(PREPARED / "kb.jsonl")
-    index = BM25Index(chunk_ids, texts, retrieval.stopwords)
-    kb = dict(zip(chunk_ids, texts, strict=True))
-    cmrc = seeded_sample(cmrc_all, cfg.cmrc_samples, seed)
-    contexts = {"cmrc_gold": cmrc, "cmrc_retrieved": with_retrieved_contexts(cmrc, kb, index, top_k)}
+        embedder = SentenceTransformer(str(EMBEDDER), device=device)
 
-    from sentence_transformers import SentenceTransformer
+    with contextlib.ExitStack() as stack:
+        bundle = load_bundle(folder, cfg, params.group("vllm", VllmConfig), device, dtype, stack)
+        metrics, rows = evaluate_bundle(bundle, sets, cfg, common.seed, embedder)
+    metrics["bundle_digest"] = bundle.manifest["digest"]
+    report = {name: metrics}
+    if args.baseline:
+        base_metrics, base_rows = baseline_rows(Path(args.baseline))
+        if base_metrics["base"]["questions"] != metrics["questions"]:
+            raise DataError(f"{args.baseline}: scored on other question sets than {folder} (rerun eval_base)")
+        report = {"base": base_metrics["base"], name: metrics,
+                  "tuned_minus_base": paired_differences(base_rows, rows, common.seed, cfg.bootstrap_resamples)}
+        report["endpoints"] = endpoint_rows(cfg, folder, sets, common.seed, embedder)
+        report |= {k: read_json(p) for k, p in UPSTREAM.items() if p.exists()}
+        for upstream in ("router",):
+            report.get(upstream, {}).pop("errors", None)
 
-    embedder = SentenceTransformer(str(EMBEDDER_DIR), device=device)
-    results, timings, predictions = {}, {}, {}
-    for name, gen_cfg in generators.items():
-        generator = load_generator(gen_cfg)
-        results[name] = {}
-        for task, rows in contexts.items():
-            predictions[f"{name}_{task}"], results[name][task] = run_cmrc(
-                generator, rows, cfg.cmrc_max_new_tokens, embedder)
-        predictions[f"{name}_gsm8k"], results[name]["gsm8k"] = run_math(generator, gsm8k, cfg.gsm8k_max_new_tokens)
-        for task, summary in results[name].items():
-            timings[f"{name}.{task}"] = summary.pop("seconds")
-            print(f"{name} {task}: " + json.dumps(summary), flush=True)
-        del generator
-        gc.collect()
-
-    metrics = dict(results)
-    retrieval = {f"bm25_top{top_k}_context_has_gold": sum(
-        r["gold_chunk_id"] in r["retrieved_ids"] for r in contexts["cmrc_retrieved"]) / max(1, len(cmrc))}
-    retrieval["bm25"] = bm25_retrieval_scores(cmrc_all, index, cfg.retrieval_cutoff)
-    metrics["retrieval"] = retrieval
-    metrics |= upstream_metrics()
-    wall = time.perf_counter() - started
-
-    references = cfg.references
-    sizes = f"CMRC {len(cmrc)} of {len(cmrc_all)} held-out trial questions, GSM8K {len(gsm8k)} test questions"
-    report = "\n".join([
-        "# ragtune eval: base against tuned",
-        "",
-        f"{sizes}; greedy decoding, {cfg.cmrc_max_new_tokens} / {cfg.gsm8k_max_new_tokens} new tokens "
-        f"(CMRC / GSM8K); top-k context: BM25 top {top_k} chunks of data/prepared/kb.jsonl. Percent.",
-        "",
-        markdown_table(results, references),
-        f"Retrieval (BM25, all {len(cmrc_all)} questions): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in retrieval["bm25"].items() if k != "queries"),
-        "",
-        *([f"Router (reports/router/metrics.json): accuracy {metrics['router'].get('accuracy')}", ""]
-          if "router" in metrics else []),
-        f"Wall time {wall:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        "",
-    ])
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "predictions").mkdir()
-        for name, rows in predictions.items():
-            with open(tmp / "predictions" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-        (tmp / "report.md").write_text(report, encoding="utf-8")
-        bar_chart(results, tmp / "comparison.png", title=sizes)
+        for set_name, set_rows in rows.items():
+            with open(tmp / "predictions" / f"{set_name}.jsonl", "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in set_rows)
+        (tmp / "metrics.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+        if args.baseline:
+            columns = {"base": report["base"], "tuned": metrics} | report["endpoints"]
+            header = report_header(sets, cfg, common.seed, device, dtype, metrics, report["base"])
+            (tmp / "report.md").write_text(markdown_report(columns, report["tuned_minus_base"], header,
+                                                           cfg.references, metrics.get("retrieval")), encoding="utf-8")
+            bar_chart(columns, tmp / "comparison.png", title=header[2])
 
-    logged = {"seed": seed, "eval": cfg.model_dump(), "retrieval.top_k": top_k, "generators": ",".join(generators),
-              "device": device, "dtype": dtype}
-    with stage_run("eval", logged) as mlflow:
-        numbers = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float)}
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in numbers.items()})
-        mlflow.log_metrics({f"seconds.{k}": v for k, v in timings.items()} | {"seconds.wall": wall})
-        mlflow.log_artifacts(str(OUT))  # predictions/, report.md, comparison.png, metrics.json
-    print(report)
+    with stage_run("eval" if args.baseline else "eval_base", {"seed": common.seed, "eval": cfg.model_dump(),
+                                                              "bundle": str(folder), "device": device, "dtype": dtype}) as mlflow:
+        numbers = {mlflow_key(k): float(v) for k, v in flatten(report).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        mlflow.log_metrics(numbers)
+        mlflow.set_tag("bundle.digest", metrics["bundle_digest"])
+        mlflow.log_artifacts(str(out))
+        if args.baseline and cfg.log_model:
+            model = log_pyfunc_model(mlflow, folder, resolve_base(folder, bundle.manifest))
+            model_numbers = {k: v for k, v in numbers.items() if k.startswith(f"{name}.")}
+            mlflow.log_metrics(model_numbers, model_id=model.model_id)  # the model carries what was measured on it
+    print((out / "report.md").read_text(encoding="utf-8") if args.baseline else json.dumps(metrics["served"]))
+
+
+def report_header(sets, cfg: EvalConfig, seed: int, device: str, dtype: str, tuned: dict, base: dict) -> list[str]:
+    sizes = sets.sizes()
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in tuned["seconds"].items())
+    return [
+        "# ragtune eval: the served assistant, base bundle against tuned bundle",
+        "",
+        f"{sizes['cmrc']} held-out CMRC trial + {sizes['gsm8k']} GSM8K test questions through each bundle's own "
+        f"answer path; {sizes['unanswerable']} more CMRC questions with their article left out of retrieval.",
+        f"Official CMRC2018 EM/F1; seed {seed}; means with 95 % bootstrap intervals ({cfg.bootstrap_resamples} "
+        f"resamples), differences by paired bootstrap over the same questions. Generation on {device}, {dtype}, greedy.",
+        f"Tuned bundle {tuned['bundle_digest'][:12]}, base bundle {base['bundle_digest'][:12]}; tuned timings: {seconds}.",
+    ]
 
 
 if __name__ == "__main__":

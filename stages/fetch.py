@@ -3,12 +3,11 @@
 from pathlib import Path
 
 from ragtune.config import read_params, run_stage, stage_parser
-from ragtune.sources import DataConfig, fetch_datasets, resolve_mirror
+from ragtune.sources import RAW, DataConfig, fetch_datasets, resolve_mirror
 from ragtune.io import atomic_dir
 from ragtune.models import EmbedderConfig, ModelConfig, materialize_embedder, materialize_generator
 from ragtune.tracking import stage_run
 
-RAW = Path("data/raw")
 GENERATOR = Path("models/base/generator")
 EMBEDDER = Path("models/base/embedder")
 

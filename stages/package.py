@@ -1,41 +1,25 @@
-"""package: the RAG bundle (KB + BM25 index, router, adapter, base reference, prompts, manifest),
-also logged to MLflow as a pyfunc model."""
+"""package: the served bundle, the base bundle plus the LoRA adapter (eval scores it, `ragtune serve`
+serves it, `dvc pull bundle` brings it)."""
 
 import json
 from pathlib import Path
 
-from ragtune.bundle import PackageConfig, build_bundle, log_pyfunc_model
-from ragtune.config import read_params, run_stage, stage_parser
-from ragtune.retrieval import RetrievalConfig
+from ragtune.bundle import add_adapter
+from ragtune.config import run_stage, stage_parser
 from ragtune.tracking import stage_run
 
+BASE_BUNDLE = Path("bundle_base")
+ADAPTER = Path("models/sft/adapter")
 OUT = Path("bundle")
-BASE = Path("models/base/generator")
 
 
 def main() -> None:
-    params = read_params(stage_parser(__doc__).parse_args().params)
-    cfg, retrieval = params.group("package", PackageConfig), params.group("retrieval", RetrievalConfig)
-    logged = {"package": cfg.model_dump(), "retrieval": {"top_k": retrieval.top_k, "stopwords": retrieval.stopwords}}
-    with stage_run("package", logged) as mlflow:
-        manifest = build_bundle(
-            OUT,
-            kb_path=Path("data/prepared/kb.jsonl"),
-            base_dir=BASE,
-            router_dir=Path("models/router"),
-            adapter_dir=Path("models/sft/adapter"),
-            metrics_path=Path("reports/eval/metrics.json"),
-            router_metrics_path=Path("reports/router/metrics.json"),
-            answer=cfg.answer_settings(retrieval.top_k),
-            copy_base=cfg.copy_base,
-            stopwords=retrieval.stopwords,
-        )
+    stage_parser(__doc__).parse_args()  # --help; the stage reads no params
+    with stage_run("package") as mlflow:
+        manifest = add_adapter(BASE_BUNDLE, OUT, ADAPTER)
         mlflow.log_dict(manifest, "bundle_manifest.json")
         mlflow.set_tag("bundle.digest", manifest["digest"])
-        if cfg.log_model:
-            log_pyfunc_model(mlflow, OUT, BASE)
-        print(json.dumps({"digest": manifest["digest"], "kb_chunks": manifest["kb"]["chunks"],
-                          "metrics_source": manifest["metrics_source"]}))
+        print(json.dumps({"digest": manifest["digest"], "adapter": manifest["adapter"]}))
 
 
 if __name__ == "__main__":

@@ -80,9 +80,8 @@ def base_generator(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_dir(mirror, tmp_path_factory) -> Path:
     """data/prepared as split builds it: the workspace's, else built once from the mirror."""
-    import json
-
     from ragtune.data import SplitConfig, prepare
+    from ragtune.records import write_records
     from ragtune.sources import DataConfig, fetch_datasets
 
     existing = ROOT / "data" / "prepared"
@@ -95,11 +94,7 @@ def prepared_dir(mirror, tmp_path_factory) -> Path:
     outputs, _ = prepare(raw, data=data, split=params.group("split", SplitConfig), seed=params.common().seed)
     out = tmp_path_factory.mktemp("prepared")
     for name, rows in outputs.items():
-        with open(out / name, "w", encoding="utf-8") as fh:
-            if name.endswith(".jsonl"):
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            else:
-                json.dump(rows, fh, ensure_ascii=False)
+        write_records(out / name, rows)
     return out
 
 

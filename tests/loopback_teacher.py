@@ -4,6 +4,7 @@
 `respond(request, call_no)` returns what to do for the n-th call (0-based) carrying the same user
 message: `Answer(...)`, `Status(429, retry_after=...)`, `Malformed()`, `Hang(seconds)`. The server
 records every call (user message, start/end time, action) and the peak number in flight.
+`unused_base_url()` is the opposite: a loopback URL where nothing listens.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Answer:
 @dataclass(frozen=True)
 class Status:
     code: int
-    retry_after: float | None = None
+    retry_after: float | str | None = None  # a string is sent as is (e.g. "inf")
     latency: float = 0.0
 
 
@@ -124,7 +125,8 @@ class LoopbackTeacher:
                 if isinstance(action, Answer):
                     self._send(200, json.dumps(teacher._completion(request, action)).encode())
                 elif isinstance(action, Status):
-                    headers = {} if action.retry_after is None else {"Retry-After": f"{action.retry_after:g}"}
+                    value = action.retry_after
+                    headers = {} if value is None else {"Retry-After": value if isinstance(value, str) else f"{value:g}"}
                     body = json.dumps({"error": {"message": f"scripted {action.code}", "type": "scripted"}})
                     self._send(action.code, body.encode(), headers)
                 else:
@@ -172,6 +174,14 @@ class LoopbackTeacher:
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
         }
+
+
+def unused_base_url() -> str:
+    """An OpenAI-style base URL on loopback where nothing listens: every call is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def by_question(script: dict[str, list[Action]]) -> Callable[[dict[str, Any], int], Action]:

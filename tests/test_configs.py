@@ -49,6 +49,12 @@ def test_generated_defaults_are_up_to_date():
         assert (CONF / rel).read_text(encoding="utf-8") == text, f"conf/{rel} drifted: run `make params`"
 
 
+def test_settings_reference_is_up_to_date():
+    from ragtune.params import settings_reference
+
+    assert (ROOT / "docs" / "settings.md").read_text(encoding="utf-8") == settings_reference(), "run `make params`"
+
+
 def test_every_field_has_a_one_line_help():
     def subclasses(cls):
         for sub in cls.__subclasses__():

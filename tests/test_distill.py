@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ragtune.teacher import (
     make_teacher,
 )
 from tests.conftest import ROOT, project_env
-from tests.loopback_teacher import Answer, Hang, LoopbackTeacher, Malformed, Status, by_question
+from tests.loopback_teacher import Answer, Hang, LoopbackTeacher, Malformed, Status, by_question, unused_base_url
 
 KEY_ENV, KEY = "RAGTUNE_TEST_TEACHER_KEY", "sk-loopback-SECRET-4242"
 
@@ -115,6 +116,81 @@ def test_a_rejected_key_stops_the_run_without_showing_it(tmp_path, monkeypatch):
             Distiller(teacher, cache, max_rounds=1, concurrency=2, retry=FAST_RETRY, seed=0).run(items)
         assert len(server.calls) < len(items)  # the queued calls were cancelled
     assert KEY not in str(err.value) and "401" in str(err.value)
+
+
+def test_huge_or_infinite_retry_after_is_capped_and_counted(tmp_path, monkeypatch):
+    """`Retry-After: 100000` (a day) or `inf` must neither stall the workers nor crash them: every wait
+    is at most distill.max_retry_after, and each cut is counted in stats["errors"]["retry_after_capped"]."""
+    items = make_items(3)
+    q = [math_prompt(item["question"]) for item in items]
+    script = {
+        q[0]: [Status(429, retry_after=100000), right(items[0])],
+        q[1]: [Status(429, retry_after="inf"), Status(503, retry_after=100000), right(items[1])],
+        q[2]: [Status(429, retry_after=1.5), right(items[2])],  # under the cap: honoured as sent, not counted
+    }
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def record_wait(seconds: float) -> None:  # the workers' sleep, injected: records instead of sleeping
+        with lock:
+            waits.append(seconds)
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    started = time.monotonic()
+    with LoopbackTeacher(by_question(script)) as server:
+        teacher = make_teacher(teacher_cfg(server.base_url))
+        with ResponseCache(tmp_path / "cache.jsonl") as cache:
+            result = Distiller(teacher, cache, max_rounds=1, concurrency=3, retry=FAST_RETRY, seed=0,
+                               sleep=record_wait).run(items)
+        calls = server.calls_by_user()
+    assert time.monotonic() - started < 30  # nobody really slept
+    assert [item["id"] for item, _ in result.accepted] == ["q0", "q1", "q2"]
+    assert calls == {q[0]: 2, q[1]: 3, q[2]: 2}
+    cap = FAST_RETRY.max_retry_after
+    assert waits and max(waits) <= cap, waits
+    assert cap in waits  # a capped Retry-After is still honoured up to the cap
+    assert any(1.5 <= w < cap for w in waits)
+    errors = result.stats["errors"]
+    assert errors["retry_after_capped"] == 3  # 100000, inf, and the 503's 100000
+    assert errors["rate_limited"] == 3 and errors["server_error"] == 1
+    assert result.stats["failed_calls"] == 0 and result.stats["retries"] == 4
+
+
+@pytest.mark.parametrize("server_kind", ["nothing_listening", "mostly_500"])
+def test_distill_stage_fails_cleanly_when_too_few_items_are_accepted(tmp_path, server_kind):
+    """Teacher calls fail (nothing listens; or 500s for 3 of 4 items): the stage exits 1 with one line on
+    stderr naming the cause, no traceback, and writes none of its outs (sft must not train without maths)."""
+    items = make_items(4)
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "gsm8k_train.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    script = {math_prompt(item["question"]): [right(item) if i == 0 else Status(500)] for i, item in enumerate(items)}
+    env = project_env(**{KEY_ENV: KEY, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with LoopbackTeacher(by_question(script)) as server:
+        base_url = unused_base_url() if server_kind == "nothing_listening" else server.base_url
+        params = {
+            "seed": 1,
+            "distill": {"max_items": None, "max_rounds": 2, "concurrency": 2, "max_retries": 1,
+                        "backoff_base": 0.01, "backoff_max": 0.02, "progress": False, "min_accepted_share": 0.5},
+            "teacher": teacher_cfg(base_url, timeout=2.0).model_dump(),
+        }
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / "distill.py")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("distill:")]
+    assert len(ours) == 1, proc.stderr[-3000:]
+    line = ours[0]
+    if server_kind == "nothing_listening":
+        assert line.startswith("distill: only 0 of 4 items accepted (0%, distill.min_accepted_share is 50%)")
+        assert "8 calls failed for good: 16 × connection" in line  # 4 items × 2 rounds, each call tried twice
+    else:
+        assert line.startswith("distill: only 1 of 4 items accepted (25%, distill.min_accepted_share is 50%)")
+        assert "6 calls failed for good: 12 × server_error" in line
+    assert "teacher.base_url" in line and KEY not in proc.stderr + proc.stdout
+    out = tmp_path / "data" / "distill"
+    for name in ("distilled_train.json", "left_data.json", "stats.json"):
+        assert not (out / name).exists()
 
 
 def _cached_attempts(path: Path) -> dict[str, int]:

@@ -13,21 +13,20 @@ from ragtune.embedding import (
     evaluate,
     extend_cjk_vocabulary,
     fine_tune,
-    load_retrieval_eval,
-    load_triples,
     triples_dataset,
     unknown_fraction,
 )
 from ragtune.io import DataError
+from ragtune.records import ReadingQuestion, Triple, read_records, write_records
 from ragtune.retrieval import DenseIndex, load_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TRIPLES = [
-    {"query": "猫喜欢吃什么？", "pos": ["猫喜欢吃鱼。"], "neg": ["狗喜欢啃骨头。", "长城很长。"], "prompt": ""},
-    {"query": "宋朝的首都在哪里？", "pos": ["宋朝的首都是汴京。"], "neg": ["北京是中国的首都。"], "prompt": ""},
-    {"query": "长城有多长？", "pos": ["长城很长，有两万多公里。"], "neg": ["猫喜欢吃鱼。"], "prompt": ""},
-    {"query": "谁写了红楼梦？", "pos": ["红楼梦的作者是曹雪芹。"], "neg": ["西游记的作者是吴承恩。"], "prompt": ""},
+    Triple(query="猫喜欢吃什么？", pos=["猫喜欢吃鱼。"], neg=["狗喜欢啃骨头。", "长城很长。"], prompt=""),
+    Triple(query="宋朝的首都在哪里？", pos=["宋朝的首都是汴京。"], neg=["北京是中国的首都。"], prompt=""),
+    Triple(query="长城有多长？", pos=["长城很长，有两万多公里。"], neg=["猫喜欢吃鱼。"], prompt=""),
+    Triple(query="谁写了红楼梦？", pos=["红楼梦的作者是曹雪芹。"], neg=["西游记的作者是吴承恩。"], prompt=""),
 ]
 TRAIN_CFG = EmbedFtConfig(negatives=1, batch_size=4, epochs=1, max_steps=3, lr=1e-3, warmup_ratio=0.0, temperature=0.05,
                           cached=False, mini_batch_size=2, max_seq_length=32, logging_steps=1)
@@ -45,23 +44,20 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def test_triples_are_validated_and_shaped(tmp_path):
-    rows = load_triples(write_jsonl(tmp_path / "t.jsonl", TRIPLES), max_samples=3, seed=1)
-    assert len(rows) == 3
+    write_records(tmp_path / "t.jsonl", TRIPLES)
+    rows = read_records(tmp_path / "t.jsonl", Triple)[:3]
     dataset = triples_dataset(rows, negatives=2, seed=1)
     assert dataset.column_names == ["anchor", "positive", "negative_1", "negative_2"]
     for row in dataset:  # topped-up negatives never repeat the row's positive
         assert row["positive"] not in (row["negative_1"], row["negative_2"])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [TRIPLES[0], {"query": "猫", "pos": [], "neg": []}])
-    with pytest.raises(DataError, match=r"bad.jsonl:2: 'pos' is empty"):
-        load_triples(bad)
-    evals = write_jsonl(tmp_path / "e.jsonl", [{"query_id": "a", "query": "", "gold_chunk_ids": ["c"]},
-                                                {"query_id": "b", "query": "猫？", "gold_chunk_ids": ["c"]}])
-    assert [r["query_id"] for r in load_retrieval_eval(evals)] == ["b"]  # blank questions skipped
+    bad = write_jsonl(tmp_path / "bad.jsonl", [TRIPLES[0].model_dump(), {"query": "猫", "pos": [], "neg": [], "prompt": ""}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'pos'"):
+        read_records(bad, Triple)
 
 
 def test_vocabulary_extension_starts_equal_to_the_base(embedder):
     model = load_embedder(embedder)
-    texts = [t for r in TRIPLES for t in [r["query"], *r["pos"], *r["neg"]]]
+    texts = [t for r in TRIPLES for t in [r.query, *r.pos, *r.neg]]
     before = model.encode(texts, normalize_embeddings=True)
     unknown_before = unknown_fraction(model, texts)
     added = extend_cjk_vocabulary(model, texts, min_count=1)
@@ -73,7 +69,7 @@ def test_vocabulary_extension_starts_equal_to_the_base(embedder):
 
 def test_a_few_steps_change_the_embeddings_and_the_model_reloads(tmp_path, embedder):
     model = load_embedder(embedder)
-    extend_cjk_vocabulary(model, [t for r in TRIPLES for t in [r["query"], *r["pos"]]], min_count=1)
+    extend_cjk_vocabulary(model, [t for r in TRIPLES for t in [r.query, *r.pos]], min_count=1)
     probe = ["猫喜欢吃鱼。", "宋朝的首都在哪里？"]
     before = model.encode(probe, normalize_embeddings=True)
     summary = fine_tune(model, TRIPLES, TRAIN_CFG, work_dir=tmp_path / "work", seed=0)
@@ -84,5 +80,7 @@ def test_a_few_steps_change_the_embeddings_and_the_model_reloads(tmp_path, embed
     reloaded = load_embedder(tmp_path / "tuned")
     np.testing.assert_allclose(reloaded.encode(probe, normalize_embeddings=True), after, atol=1e-5)
     index = DenseIndex(["c0", "c1"], ["猫喜欢吃鱼。", "宋朝的首都是汴京。"], reloaded)
-    metrics = evaluate(index, [{"query": "猫喜欢吃什么？", "gold_chunk_ids": ["c0"]}], cutoff=2, ks=(1,))
+    question = ReadingQuestion(id="q", question="猫喜欢吃什么？", answers=["鱼"], article_id="a", gold_chunk_ids=["c0"],
+                               context="猫喜欢吃鱼。")
+    metrics = evaluate(index, [question], cutoff=2, ks=(1,))
     assert set(metrics) >= {"hit@1", "mrr@2", "ndcg@2", "queries", "queries_per_s"}

@@ -1,39 +1,190 @@
-"""The eval stage end to end with an 'oracle' OpenAI-compatible endpoint on loopback (answers the gold),
-so every number it reports is known; the transformers backend is covered by test_inference."""
+"""eval scores the served bundle: with an 'oracle' generator (answers from the passages it is given when
+they hold the gold, else abstains) every number is known in advance; paired differences; the stage end
+to end with an OpenAI-compatible endpoint; and eval and serve give the same answer to the same question."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+import sys
 
 import pytest
 import yaml
 
-from ragtune.evaluate import load_rows, run_cmrc, run_math
-from ragtune.inference import OpenAIGenerator
-from ragtune.report import markdown_table
+from ragtune.bundle import Bundle
+from ragtune.evaluate import EvalConfig, evaluate_bundle, paired_differences, question_sets
+from ragtune.inference import Completion
+from ragtune.prompts import NO_ANSWER
+from ragtune.records import MathsQuestion, ReadingQuestion, read_records
+from ragtune.report import markdown_report
+from tests.bundle_fixtures import READING_QUESTION, build_small_bundle
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+
+class Oracle:
+    """Answers a reading prompt with the gold answer when its passages hold it, else the abstention
+    reply; boxes the gold of a maths prompt."""
+
+    def __init__(self, cmrc: list[ReadingQuestion], gsm8k: list[MathsQuestion], know_nothing: bool = False):
+        self.cmrc = {q.question: q.answers for q in cmrc}
+        self.gsm8k = {q.question: q.answer for q in gsm8k}
+        self.know_nothing = know_nothing
+
+    def answer(self, prompt: str) -> str:
+        if self.know_nothing:
+            return "我不知道"
+        if match := re.search(r"### 已知文段:(.*)\n\n### 问题:(.*)\n$", prompt, re.S):
+            context, question = match.groups()
+            return next((a for a in self.cmrc.get(question, []) if a in context), NO_ANSWER)
+        question = prompt.split("\n\nPlease reason")[0]
+        return f"Step by step... the answer is \\boxed{{{self.gsm8k.get(question, 'x')}}}."
+
+    def generate_detailed(self, user_texts, max_new_tokens, prefixes=None):
+        return [Completion(self.answer(t)) for t in user_texts]
 
 
-def _oracle_handler(cmrc_answers: dict[str, str], math_answers: dict[str, str]):
-    class Oracle(BaseHTTPRequestHandler):
+@pytest.fixture(scope="module")
+def prepared(prepared_dir):
+    return read_records(prepared_dir / "cmrc_eval.jsonl", ReadingQuestion), read_records(prepared_dir / "gsm8k_eval.jsonl", MathsQuestion)
+
+
+@pytest.fixture(scope="module")
+def kb_bundle(prepared_dir, mirror, base_generator, tmp_path_factory):
+    """A base bundle over the whole prepared KB (BM25, the small router), answering with a stand-in generator."""
+    from ragtune.bundle import build_bundle
+    from ragtune.records import read_kb
+    from ragtune.retrieval import BM25Index
+    from tests.bundle_fixtures import TINY_ANSWER, small_router
+
+    folder = tmp_path_factory.mktemp("kb_bundle")
+    chunks = read_kb(prepared_dir / "kb.jsonl")
+    retriever = BM25Index([c.chunk_id for c in chunks], [c.text for c in chunks])
+    build_bundle(folder / "bundle", kb_path=prepared_dir / "kb.jsonl", base_dir=base_generator,
+                 router_dir=small_router(mirror, folder / "router"), retriever=retriever, answer=TINY_ANSWER)
+    return folder / "bundle"
+
+
+CFG = EvalConfig(cmrc_samples=60, gsm8k_samples=30, abstain_samples=20, similarity=False, bootstrap_resamples=500)
+
+
+def test_an_oracle_scores_what_retrieval_allows(prepared, kb_bundle):
+    cmrc, gsm8k = prepared
+    sets = question_sets(cmrc, gsm8k, CFG, seed=3)
+    bundle = Bundle.load(kb_bundle, generator=Oracle(cmrc, gsm8k))
+    metrics, rows = evaluate_bundle(bundle, sets, CFG, seed=3, log=lambda *_: None)
+    served = metrics["served"]
+    routed = [r for r in rows["served_cmrc"] if r["route"] == "reading"]
+    answerable = sum(any(a in "".join(bundle.chunks[c].text for c in r["sources"]) for a in r["golds"]) for r in routed)
+    assert served["cmrc"]["official_em"]["mean"] == pytest.approx(answerable / 60)
+    assert served["cmrc"]["official_em"]["low"] <= served["cmrc"]["official_em"]["mean"] <= served["cmrc"]["official_em"]["high"]
+    assert served["gsm8k"]["accuracy"]["mean"] == pytest.approx(sum(r["route"] == "maths" for r in rows["served_gsm8k"]) / 30,
+                                                                abs=1 / 30)
+    assert served["gsm8k"]["boxed"]["mean"] >= served["gsm8k"]["accuracy"]["mean"]
+    # an article left out of retrieval: the oracle can only abstain (or meet a copy of the answer elsewhere)
+    assert metrics["unanswerable"]["abstained"]["mean"] >= 0.8
+    # the gold chunk always holds the answer: a perfect score with zero width
+    assert metrics["gold_context"]["official_em"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 60}
+    assert metrics["retrieval"]["queries"] == len(cmrc) and metrics["retrieval"]["kind"] == "bm25"
+    assert metrics["questions"] == {"cmrc": 60, "gsm8k": 30, "unanswerable": 20, "retrieval": len(cmrc)}
+
+
+def test_paired_differences_over_the_same_questions(prepared, kb_bundle):
+    cmrc, gsm8k = prepared
+    sets = question_sets(cmrc, gsm8k, CFG, seed=3)
+    quiet = lambda *_: None  # noqa: E731
+    base_metrics, base_rows = evaluate_bundle(Bundle.load(kb_bundle, generator=Oracle(cmrc, gsm8k, know_nothing=True)),
+                                              sets, CFG, seed=3, log=quiet)
+    tuned_metrics, tuned_rows = evaluate_bundle(Bundle.load(kb_bundle, generator=Oracle(cmrc, gsm8k)), sets, CFG, seed=3, log=quiet)
+    diffs = paired_differences(base_rows, tuned_rows, seed=3, resamples=500)
+    em = diffs["served_cmrc.official_em"]
+    assert em["mean_diff"] == pytest.approx(tuned_metrics["served"]["cmrc"]["official_em"]["mean"])
+    assert 0 < em["low"] <= em["mean_diff"] <= em["high"]
+    same = paired_differences(tuned_rows, tuned_rows, seed=3, resamples=500)
+    assert all(d["mean_diff"] == d["low"] == d["high"] == 0 for d in same.values())  # identical systems
+    report = markdown_report({"base": base_metrics, "tuned": tuned_metrics}, diffs, ["# r"], {"seed": "note"})
+    assert re.search(r"\| CMRC official EM \(served\) \| 0\.0 \[0\.0, 0\.0\] \| \d+\.\d \[\d+\.\d, \d+\.\d\] \| \+\d+\.\d ", report)
+    with pytest.raises(ValueError, match="different questions"):
+        paired_differences(base_rows, {k: v[:-1] for k, v in tuned_rows.items()}, seed=3, resamples=500)
+
+
+def test_question_sets_are_seeded_and_sized(prepared):
+    cmrc, gsm8k = prepared
+    first, again = question_sets(cmrc, gsm8k, CFG, 1), question_sets(cmrc, gsm8k, CFG, 1)
+    assert [q.id for q in first.cmrc] == [q.id for q in again.cmrc] and len(first.unanswerable) == 20
+    assert [q.id for q in question_sets(cmrc, gsm8k, CFG, 2).cmrc] != [q.id for q in first.cmrc]
+    none = question_sets(cmrc, gsm8k, CFG.model_copy(update={"abstain_samples": 0}), 1)
+    assert none.unanswerable == []
+
+
+def run_eval_stage(tmp_path, monkeypatch, argv, params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root for ragtune.config
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    spec = importlib.util.spec_from_file_location("eval_stage", ROOT / "stages" / "eval.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    stage.main()
+
+
+def test_eval_stage_base_then_tuned_with_an_endpoint(tmp_path, monkeypatch, prepared_dir, mirror, base_generator,
+                                                     embedder_dir, oracle_url):
+    """stages/eval.py twice, as dvc.yaml runs it (base bundle, then the tuned one with --baseline), on
+    smoke sizes with the real model and tiny budgets; an OpenAI-compatible oracle endpoint as an extra row."""
+    import mlflow
+
+    from ragtune.config import compose
+    from tests.bundle_fixtures import tiny_adapter
+
+    folder = tmp_path / "bundles"
+    base = build_small_bundle(mirror, base_generator, folder)
+    tuned = build_small_bundle(mirror, base_generator, folder, adapter=tiny_adapter(base_generator, tmp_path / "adapter"))
+    for rel, target in (("data/prepared", prepared_dir), ("models/base/embedder", embedder_dir)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).symlink_to(target)
+    params = yaml.safe_load(compose(["profile=smoke"], config_dir=ROOT / "conf"))
+    params["eval"]["endpoints"] = {"oracle": {"base_url": oracle_url, "model": "oracle"}}
+    run_eval_stage(tmp_path, monkeypatch, ["--bundle", str(base), "--out", "reports/eval_base"], params)
+    run_eval_stage(tmp_path, monkeypatch, ["--bundle", str(tuned), "--out", "reports/eval", "--baseline",
+                                           "reports/eval_base"], params)
+
+    out = tmp_path / "reports" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "tuned", "tuned_minus_base", "endpoints"}
+    assert metrics["tuned"]["questions"] == metrics["base"]["questions"]
+    assert metrics["endpoints"]["oracle"]["gold_context"]["official_em"]["mean"] == 1.0
+    assert metrics["tuned_minus_base"]["served_cmrc.official_f1"]["n"] == params["eval"]["cmrc_samples"]
+    assert {p.name for p in (out / "predictions").iterdir()} == {"served_cmrc.jsonl", "served_gsm8k.jsonl",
+                                                                 "unanswerable.jsonl", "gold_context.jsonl"}
+    report = (out / "report.md").read_text()
+    assert "| metric (%) | base | tuned | oracle | tuned − base |" in report and (out / "comparison.png").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ragtune").experiment_id])
+    assert sorted(r.data.tags["dvc.stage"] for r in runs) == ["eval", "eval_base"]
+    tuned_run = next(r for r in runs if r.data.tags["dvc.stage"] == "eval")
+    assert "tuned.served.cmrc.official_f1.mean" in tuned_run.data.metrics
+    models = mlflow.search_logged_models(experiment_ids=[tuned_run.info.experiment_id], output_format="list")
+    assert any(m.name == "bundle_model" and any(x.key == "tuned.served.cmrc.official_f1.mean" for x in m.metrics or [])
+               for m in models)  # the logged bundle carries the metrics measured on it
+
+
+@pytest.fixture(scope="module")
+def oracle_url(prepared):
+    """An OpenAI-compatible endpoint on loopback that answers like Oracle."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    oracle = Oracle(*prepared)
+
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
-            if match := re.search(r"### 问题:(.*)\n$", prompt):
-                answer = cmrc_answers.get(match.group(1), "不知道")
-            else:
-                question = prompt.split("\n\nPlease reason")[0]
-                answer = f"Step by step... the answer is \\boxed{{{math_answers.get(question, 'x')}}}."
-            data = json.dumps({
-                "id": "o", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-            }).encode()
+            answer = oracle.answer(body["messages"][-1]["content"])
+            data = json.dumps({"id": "o", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": answer}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -43,96 +194,28 @@ def _oracle_handler(cmrc_answers: dict[str, str], math_answers: dict[str, str]):
         def log_message(self, *args):
             pass
 
-    return Oracle
-
-
-@pytest.fixture(scope="module")
-def oracle_url(prepared_dir):
-    cmrc = load_rows(prepared_dir / "cmrc_eval.jsonl", ("question", "answers"))
-    gsm8k = load_rows(prepared_dir / "gsm8k_eval.jsonl", ("question", "answer"))
-    handler = _oracle_handler({r["question"]: r["answers"][0] for r in cmrc}, {r["question"]: r["answer"] for r in gsm8k})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def embedder(embedder_dir):
-    from sentence_transformers import SentenceTransformer
+def test_eval_and_serve_give_the_same_answer(mirror, base_generator, tmp_path):
+    """The question through evaluate_bundle, through the bundle directly and through `ragtune serve`'s
+    OpenAI API: one answer path, one answer."""
+    from openai import OpenAI
 
-    return SentenceTransformer(str(embedder_dir), device="cpu")
+    from ragtune.serve import ServeConfig, create_app, serve_in_thread
 
-
-def test_tasks_score_an_oracle_perfectly(oracle_url, embedder, prepared_dir):
-    oracle = OpenAIGenerator(oracle_url, "oracle", max_concurrency=4)
-    rows = load_rows(prepared_dir / "cmrc_eval.jsonl", ("id", "question", "answers", "context"))[:5]
-    examples, summary = run_cmrc(oracle, rows, 64, embedder)
-    assert summary | {"seconds": 0} == pytest.approx(
-        {"official_em": 1.0, "official_f1": 1.0, "strict_em": 1.0, "normalized_em": 1.0, "containment": 1.0, "similarity": 1.0,
-         "n": 5, "seconds": 0}, abs=1e-5)
-    assert [e["id"] for e in examples] == [r["id"] for r in rows]
-
-    wrong = [dict(r, answers=["完全不同的答案"]) for r in rows[:2]]
-    _, summary = run_cmrc(oracle, wrong, 64, embedder)
-    assert summary["official_em"] == 0.0 and summary["containment"] == 1.0  # copied, but not the gold
-
-    maths = load_rows(prepared_dir / "gsm8k_eval.jsonl", ("id", "question", "answer"))[:4]
-    examples, summary = run_math(oracle, maths, 256)
-    assert summary["accuracy"] == 1.0 and summary["format_boxed"] == 4 and summary["format_failures"] == 0
-    assert all(e["correct"] == 1.0 and e["format"] == "boxed" for e in examples)
-
-
-def test_markdown_table_rows_and_reference_note():
-    table = markdown_table(
-        {"base": {"cmrc_gold": {"official_em": 0.0}, "gsm8k": {"accuracy": 0.0625}},
-         "tuned": {"cmrc_gold": {"official_em": 0.25}}},
-        {"seed_gpu": "not published in this repo"},
-    )
-    lines = table.strip().splitlines()
-    assert lines[0].startswith("| generator | CMRC gold EM |")
-    assert lines[2].startswith("| base | 0.0 |") and lines[2].endswith("| 6.2 |")
-    assert lines[3].startswith("| tuned | 25.0 |") and lines[3].endswith("| – |")
-    assert lines[4].startswith("| seed_gpu (reference) | not published in this repo |")
-
-
-def test_eval_stage_end_to_end_with_an_endpoint(oracle_url, tmp_path, monkeypatch, prepared_dir, embedder_dir):
-    """stages/eval.py on the smoke sizes with only the oracle endpoint: files, metrics, MLflow run."""
-    import mlflow
-
-    from ragtune.config import compose
-
-    for rel, target in (("data/prepared", prepared_dir), ("models/base/embedder", embedder_dir)):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).symlink_to(target)
-    params = yaml.safe_load(compose(["profile=smoke"], config_dir=ROOT / "conf"))
-    params["eval"]["endpoints"] = {"oracle": {"base_url": oracle_url, "model": "oracle"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the project root for ragtune.config
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-    spec = importlib.util.spec_from_file_location("eval_stage", ROOT / "stages" / "eval.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    stage.main(["--generators", "oracle"])
-
-    out = tmp_path / "reports" / "eval"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["oracle"]["cmrc_gold"]["official_em"] == 1.0
-    assert metrics["oracle"]["cmrc_gold"]["n"] == params["eval"]["cmrc_samples"]
-    assert metrics["oracle"]["gsm8k"]["accuracy"] == 1.0
-    assert 0.5 < metrics["retrieval"]["bm25"]["hit@3"] <= 1.0
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        "oracle_cmrc_gold.jsonl", "oracle_cmrc_retrieved.jsonl", "oracle_gsm8k.jsonl"]
-    retrieved = [json.loads(line) for line in (out / "predictions" / "oracle_cmrc_retrieved.jsonl").open()]
-    assert all(len(r["retrieved_ids"]) <= params["retrieval"]["top_k"] for r in retrieved)
-    assert "| oracle | 100.0 |" in (out / "report.md").read_text()
-    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-
-    run = mlflow.search_runs(experiment_names=["ragtune"], output_format="list")[0]
-    assert run.data.metrics["oracle.cmrc_gold.official_em"] == 1.0
-    assert run.data.tags["dvc.stage"] == "eval"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"predictions", "report.md", "metrics.json", "comparison.png"} <= artifacts
+    bundle = Bundle.load(build_small_bundle(mirror, base_generator, tmp_path))
+    question = ReadingQuestion(id="q", question=READING_QUESTION, answers=["光荣和ω-force"], article_id="DEV_0",
+                               gold_chunk_ids=["DEV_0-0"], context="光荣和ω-force")
+    sets = question_sets([question], [], EvalConfig(abstain_samples=0, gold_context=False, similarity=False), 0)
+    _, rows = evaluate_bundle(bundle, sets, EvalConfig(similarity=False), 0, log=lambda *_: None)
+    direct = bundle.answer(READING_QUESTION)
+    with serve_in_thread(create_app(bundle, ServeConfig(token_env=None))) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        served = client.chat.completions.create(model="ragtune", messages=[{"role": "user", "content": READING_QUESTION}])
+    assert rows["served_cmrc"][0]["text"] == direct["text"] == served.choices[0].message.content
+    assert rows["served_cmrc"][0]["sources"] == [s["chunk_id"] for s in served.model_extra["ragtune"]["sources"]]

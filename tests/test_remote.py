@@ -1,4 +1,4 @@
-"""Sharing through a DVC remote: in a copy of the project, the package stage builds the bundle,
+"""Sharing through a DVC remote: in a copy of the project, the package stages build the bundle,
 `dvc push` sends what serving needs to a local-folder remote, and a fresh `git clone` + `dvc pull`
 serves answers with `ragtune serve` without any training."""
 
@@ -13,19 +13,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.bundle_fixtures import READING_QUESTION, small_kb, small_router
+from tests.bundle_fixtures import READING_QUESTION, small_kb, small_router, tiny_adapter
 from tests.conftest import ROOT, copy_project, project_env, run
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_adapter(base, out):
-    """A real (untrained) LoRA adapter: stands in for sft's, so nothing is trained here."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
 
 
 def free_port():
@@ -59,13 +50,13 @@ def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
     small_router(mirror, project / "models" / "router")
     (project / "reports" / "router").mkdir(parents=True)
     (project / "reports" / "router" / "metrics.json").write_text('{"accuracy": null}\n')
-    (project / "reports" / "eval").mkdir(parents=True)
-    (project / "reports" / "eval" / "metrics.json").write_text('{"note": "remote round-trip test"}\n')
+    shutil.copytree(project / "models" / "base" / "embedder", project / "models" / "embed_ft")  # unused by BM25
     tiny_adapter(project / "models" / "base" / "generator", project / "models" / "sft" / "adapter")
 
     dvc = [sys.executable, "-m", "dvc"]
     run(dvc + ["config", "--local", "cache.type", "hardlink,copy"], project, env)
     run(dvc + ["commit", "-f", "fetch"], project, env)
+    run(dvc + ["repro", "--single-item", "package_base"], project, env, timeout=600)
     run(dvc + ["repro", "--single-item", "package"], project, env, timeout=600)
     remote = tmp_path / "remote"
     run(dvc + ["remote", "add", "-d", "storage", str(remote)], project, env)
@@ -79,7 +70,7 @@ def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
     assert not (fresh / "bundle").exists()
     run(dvc + ["pull", "bundle", "models/base/generator"], fresh, env, timeout=600)
     manifest = json.loads((fresh / "bundle" / "manifest.json").read_text())
-    assert manifest["adapter"] == "adapter" and manifest["metrics"] == {"note": "remote round-trip test"}
+    assert manifest["adapter"] == "adapter" and manifest["retriever"] == "bm25"
 
     port = free_port()
     server = subprocess.Popen(

@@ -10,6 +10,7 @@ import pytest
 
 from ragtune.io import DataError
 from ragtune.metrics import hit_at, ndcg_at, reciprocal_rank, retrieval_metrics
+from ragtune.records import read_kb
 from ragtune.retrieval import (
     BM25Index,
     DenseIndex,
@@ -17,7 +18,6 @@ from ragtune.retrieval import (
     RetrievalConfig,
     build_retriever,
     load_retriever,
-    read_kb,
     tokenize_zh,
 )
 
@@ -89,7 +89,8 @@ def test_dense_and_hybrid_save_load_round_trip(tmp_path, embedder):
 
 def test_build_retriever_and_errors(tmp_path):
     kb = tmp_path / "kb.jsonl"
-    kb.write_text('{"chunk_id": "a", "text": "猫"}\n{"chunk_id": "b"}\n', encoding="utf-8")
+    kb.write_text('{"chunk_id": "a", "article_id": "x", "title": "", "text": "猫"}\n'
+                  '{"chunk_id": "b", "article_id": "x", "title": ""}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"kb.jsonl:2: missing field 'text'"):
         read_kb(kb)
     retriever = build_retriever(RetrievalConfig(kind="bm25"), ["a", "b"], ["猫", "狗"])

@@ -1,7 +1,10 @@
-"""`ragtune serve` on loopback: the official openai client (plain and streaming), 20 concurrent
-requests, malformed requests answered 4xx while the server keeps serving, the bearer token, and
-the vLLM command the vllm backend runs."""
+"""`ragtune serve` on loopback with the real model: the official openai client (plain and streaming),
+20 concurrent requests, malformed requests answered 4xx while the server keeps serving, one bad
+request among batched ones failing alone, the bearer token, and the vLLM command the vllm backend
+runs. (Request parsing, admission and the guards without a model: test_serve_units.py and
+test_serve_http.py.)"""
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,8 +14,9 @@ from openai import OpenAI
 
 from ragtune.bundle import Bundle
 from ragtune.engine import vllm_command
-from ragtune.serve import ServeConfig, create_app, serve_in_thread
+from ragtune.serve import Batcher, ServeConfig, create_app, serve_in_thread
 from tests.bundle_fixtures import MATHS_QUESTION, READING_QUESTION, build_small_bundle
+from tests.test_serve_units import MALFORMED
 
 TOKEN_ENV = "RAGTUNE_TEST_TOKEN"
 
@@ -24,7 +28,7 @@ def bundle(mirror, base_generator, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    settings = ServeConfig(token_env=TOKEN_ENV, max_body_bytes=4096, max_question_chars=300, max_concurrent=2)
+    settings = ServeConfig(token_env=TOKEN_ENV, max_body_bytes=8192, max_question_chars=300, max_concurrent=2)
     with serve_in_thread(create_app(bundle, settings)) as url:
         yield url
 
@@ -102,32 +106,38 @@ def test_twenty_concurrent_requests_all_answered(client):
     assert all(len(r.model_extra["ragtune"]["sources"]) == (1 if i % 2 else 0) for i, r in enumerate(responses))
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "code"),
-    [
-        (b"{not json", 400, "invalid_json"),
-        (json.dumps({"model": "ragtune"}), 400, "invalid_request"),
-        (json.dumps({"messages": []}), 400, "invalid_request"),
-        (json.dumps({"messages": "hello"}), 400, "invalid_request"),
-        (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), 400, "invalid_request"),
-        (json.dumps({"messages": [{"role": "system", "content": "hi"}]}), 400, "no_question"),
-        (json.dumps({"messages": [{"role": "user", "content": "   "}]}), 400, "no_question"),
-        (json.dumps({"messages": [{"role": "user", "content": "x" * 301}]}), 400, "question_too_long"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, "invalid_request"),
-        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
-        (json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}), 413, "body_too_large"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}), 400, "invalid_request"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}), 400, "invalid_request"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), 400, "invalid_request"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}), 400, "invalid_request"),
-        (b"[" * 1500 + b"]" * 1500, 400, "invalid_json"),  # deep enough to exhaust Python's recursion
-    ],
-)
-def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, status, code):
-    resp = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize(("body", "headers", "status", "code"), MALFORMED)
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, body, headers, status, code):
+    resp = httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["code"] == code
     assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_a_lone_surrogate_fails_alone_among_batched_requests(server):
+    bodies = [json.dumps({"messages": [{"role": "user", "content": q}], "max_tokens": 1}).encode()
+              for q in (MATHS_QUESTION, "2+2?", READING_QUESTION)]
+    bodies.insert(1, b'{"messages": [{"role": "user", "content": "\\ud800 x"}], "max_tokens": 1}')
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda b: httpx.post(f"{server}/v1/chat/completions", content=b, timeout=120,
+                                                       headers={"Content-Type": "application/json"}), bodies))
+    assert [r.status_code for r in responses] == [200, 400, 200, 200]
+    assert responses[1].json()["error"]["code"] == "invalid_unicode"
+    assert [responses[i].json()["ragtune"]["route"] for i in (0, 3)] == ["maths", "reading"]
+
+
+def test_the_batcher_isolates_a_question_the_model_cannot_take(bundle):
+    """Past the parser's check, a lone surrogate breaks the real bundle's batched call: only its own
+    request fails, the others are answered one by one."""
+
+    async def scenario():
+        batcher = Batcher(bundle, max_batch=8, wait_s=0.2)
+        questions = ["2+2?", "\ud800 x", "3+5?"]
+        return await asyncio.gather(*(batcher.answer(q, 1, 1) for q in questions), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[1], Exception)
+    assert all(isinstance(results[i]["text"], str) for i in (0, 2))
 
 
 def test_unknown_paths_and_methods_get_openai_shaped_errors(server, client):
@@ -135,7 +145,8 @@ def test_unknown_paths_and_methods_get_openai_shaped_errors(server, client):
                                  ("DELETE", "/v1/models", 405)):
         resp = httpx.request(method, f"{server}{path}")
         assert resp.status_code == status and path in resp.json()["error"]["message"]
-    assert all(httpx.head(f"{server}{path}").status_code == 200 for path in ("/", "/healthz", "/v1/models"))
+    assert all(httpx.head(f"{server}{path}").status_code == 200
+               for path in ("/", "/healthz", "/v1/models", "/v1/models/ragtune"))
     assert client.models.retrieve("ragtune").id == "ragtune"
     assert httpx.get(f"{server}/v1/models/gpt-9").json()["error"]["code"] == "model_not_found"
 

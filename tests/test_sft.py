@@ -17,6 +17,7 @@ import yaml
 from ragtune.config import compose
 from ragtune.io import DataError
 from ragtune.prompts import alpaca_record, alpaca_user_text, apply_chat_template, cmrc_prompt
+from ragtune.records import KbChunk, ReadingQuestion, write_records
 from ragtune.training import (
     IGNORE_INDEX,
     accelerate_command,
@@ -47,6 +48,18 @@ def cmrc_records(n: int) -> list[dict]:
         )
         for i in range(n)
     ]
+
+
+def cmrc_questions(n: int) -> tuple[list[KbChunk], list[ReadingQuestion]]:
+    """The same pattern as cmrc_records, as split writes it: one article (one chunk) per question."""
+    colours = ["红色", "蓝色", "绿色", "黄色"]
+    chunks, questions = [], []
+    for i in range(n):
+        text = f"第{i}号盒子是{colours[i % 4]}的，放在第{i + 3}层架子上。"
+        chunks.append(KbChunk(chunk_id=f"B{i}-0", article_id=f"B{i}", title="", text=text))
+        questions.append(ReadingQuestion(id=f"q{i}", question=f"第{i}号盒子是什么颜色？", answers=[colours[i % 4]],
+                                         article_id=f"B{i}", gold_chunk_ids=[f"B{i}-0"], context=text))
+    return chunks, questions
 
 
 def test_prompt_tokens_are_masked_and_every_answer_token_is_learned(tokenizer):
@@ -155,7 +168,9 @@ def stage_folder(tmp_path: Path, base_generator: Path) -> Path:
     (work / "models/base").mkdir(parents=True)
     (work / "models/base/generator").symlink_to(base_generator)
     (work / "data/prepared").mkdir(parents=True)
-    (work / "data/prepared/cmrc_sft_train.json").write_text(json.dumps(cmrc_records(10), ensure_ascii=False))
+    chunks, questions = cmrc_questions(10)
+    write_records(work / "data/prepared/kb.jsonl", chunks)
+    write_records(work / "data/prepared/cmrc_train.jsonl", questions)
     params = yaml.safe_load(compose(["profile=smoke"], config_dir=ROOT / "conf"))
     params["lr"] = 2e-3
     params["sft"].update(max_samples=10, val_size=2, cutoff_len=128, max_steps=8, batch_size=2, save_steps=2)
@@ -241,8 +256,8 @@ def test_stage_resumes_after_kill_learns_and_is_tracked(tmp_path, base_generator
 
 # --------------------------------------------------------------------------- dvc exp run -S lr=1e-4
 
-LR_DEPENDENT = {"sft", "eval", "package"}
-LR_INDEPENDENT = {"fetch", "split", "distill", "embed_ft", "router"}
+LR_DEPENDENT = {"sft", "package", "eval"}
+LR_INDEPENDENT = {"fetch", "split", "distill", "embed_ft", "router", "package_base", "eval_base"}
 
 
 def stages_run(output: str) -> set[str]:
@@ -270,3 +285,148 @@ def test_exp_run_lr_reruns_only_what_depends_on_lr(tmp_path, mirror):
     assert ran == LR_DEPENDENT & stages, second.stdout[-3000:]
     assert not ran & LR_INDEPENDENT
     assert yaml.safe_load((work / "params.yaml").read_text())["lr"] == 1e-4
+
+
+# --------------------------------------------------------------------------- torn checkpoints, byte-stable adapters
+
+TINY_LLAMA = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import get_peft_model
+from ragtune.training import LoraSettings, lora_config
+
+def tiny_peft(targets="all-linear", seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(config), lora_config(LoraSettings(r=2, alpha=4, dropout=0.0), targets))
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapter weights worth comparing
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param))
+    return model
+"""
+
+
+def tiny_peft(targets="all-linear", seed=0):
+    """A two-layer LlamaForCausalLM from a small config (random weights, fixed seed) with a LoRA adapter."""
+    namespace: dict = {}
+    exec(TINY_LLAMA, namespace)
+    return namespace["tiny_peft"](targets, seed)
+
+
+def test_adapter_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """peft writes "all-linear"'s expanded target_modules in set order (PYTHONHASHSEED): an equal
+    adapter must still be the same bytes, or `dvc status` reruns everything after sft."""
+    script = TINY_LLAMA + "from ragtune.training import save_adapter\nsave_adapter(tiny_peft(), sys.argv[1])\n"
+    folders = []
+    for seed in ("1", "2"):
+        folder = tmp_path / f"adapter-{seed}"
+        env = project_env(PYTHONHASHSEED=seed, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folders.append(folder)
+    contents = [{p.name: p.read_bytes() for p in folder.iterdir()} for folder in folders]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(contents[0])
+    for other in contents[1:]:
+        assert set(other) == set(contents[0])
+        for name in contents[0]:
+            assert other[name] == contents[0][name], f"{name} differs between hash seeds"
+    config = json.loads(contents[0]["adapter_config.json"])
+    assert config["target_modules"] == sorted(config["target_modules"]) and len(config["target_modules"]) == 14
+    # the safetensors header holds nothing that varies: peft's one metadata entry, tensors in a fixed order
+    from safetensors import safe_open
+
+    with safe_open(str(folders[0] / "adapter_model.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+
+
+def test_canonical_safetensors_header_sorts_metadata_and_keeps_the_tensors(tmp_path):
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ragtune.training import canonicalize_safetensors_header
+
+    path = tmp_path / "w.safetensors"
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.int64)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert canonicalize_safetensors_header(path) is False  # one key: already canonical, untouched
+    # a header whose metadata map came out unsorted, as a hash map may serialise it
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = {"zeta": "1", "format": "pt", "alpha": "2"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    assert canonicalize_safetensors_header(path) is True
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    assert list(json.loads(path.read_bytes()[8 : 8 + n])["__metadata__"]) == ["alpha", "format", "zeta"]
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items()) and set(loaded) == set(tensors)
+    assert canonicalize_safetensors_header(path) is False
+
+
+def test_torn_checkpoints_are_skipped_reported_and_never_resumed(tmp_path):
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from ragtune.training import last_checkpoint
+
+    model = tiny_peft()
+    expected = get_peft_model_state_dict(model).keys()
+    ckpt = tmp_path / "checkpoints"
+    reset_if_stale(ckpt, "fp")
+
+    def checkpoint(step, model=model):
+        folder = ckpt / f"checkpoint-{step}"
+        model.save_pretrained(str(folder), safe_serialization=True)  # as the Trainer saves a peft model
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+        torch.save({"last_epoch": step}, folder / "scheduler.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+        return folder
+
+    checkpoint(2)  # complete
+    (checkpoint(4) / "trainer_state.json").unlink()  # killed before the Trainer's last write
+    weights = checkpoint(6) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    (checkpoint(8) / "trainer_state.json").write_text('{"global_step": 8, "log_hist')  # torn JSON
+    optimizer = checkpoint(10) / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    checkpoint(12, tiny_peft(targets=["q_proj"]))  # loads, but is not this adapter's tensors
+    (ckpt / "checkpoint-14").mkdir()  # an empty folder: the save never started
+
+    printed, skipped = [], []
+    resume = last_checkpoint(ckpt, printed.append, expected_keys=expected, skipped=skipped)
+    assert resume == str(ckpt / "checkpoint-2")
+    assert [s["checkpoint"] for s in skipped] == [f"checkpoint-{n}" for n in (14, 12, 10, 8, 6, 4)]
+    reasons = {s["checkpoint"]: s["reason"] for s in skipped}
+    assert reasons["checkpoint-14"].startswith("no trainer_state.json")
+    assert reasons["checkpoint-12"].startswith("adapter_model.safetensors does not hold this adapter's tensors")
+    assert reasons["checkpoint-10"] == "optimizer.pt is truncated (not a whole torch archive)"
+    assert reasons["checkpoint-8"].startswith("trainer_state.json does not parse")
+    assert reasons["checkpoint-6"].startswith("adapter_model.safetensors does not load")
+    assert reasons["checkpoint-4"].startswith("no trainer_state.json")
+    assert printed[:-1] == [f"sft: skipping torn checkpoint {ckpt / s['checkpoint']}: {s['reason']}" for s in skipped]
+    assert printed[-1] == f"sft: resuming from {ckpt / 'checkpoint-2'}"
+    assert (ckpt / "checkpoint-6").exists()  # left in place: the Trainer overwrites it at that step
+
+    (ckpt / "checkpoint-2" / "trainer_state.json").unlink()
+    skipped.clear()
+    assert last_checkpoint(ckpt, printed.append, expected_keys=expected, skipped=skipped) is None
+    assert len(skipped) == 7
+
+
+def test_a_torn_fingerprint_file_means_starting_afresh(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    reset_if_stale(ckpt, "fp")
+    (ckpt / "checkpoint-3").mkdir()
+    (ckpt / "ragtune_fingerprint.json").write_text('{"fingerpr')  # killed mid-write
+    printed = []
+    reset_if_stale(ckpt, "fp", printed.append)
+    assert not (ckpt / "checkpoint-3").exists() and "starting afresh" in printed[0]
+    assert json.loads((ckpt / "ragtune_fingerprint.json").read_text()) == {"fingerprint": "fp"}

@@ -25,6 +25,7 @@ from ragtune.data import (
 )
 from ragtune.io import DataError
 from ragtune.prompts import CMRC_TEMPLATE
+from ragtune.records import KbChunk, ReadingQuestion, Triple, read_records, write_records
 from ragtune.sources import DataConfig
 from tests.conftest import ROOT, project_env
 
@@ -91,44 +92,39 @@ DATA_CFG = {
 
 def test_outputs_have_the_contract_schema(tmp_path):
     outputs, stats = run_prepare(raw_dir(tmp_path), query_prompt="query: ")
+    assert set(outputs) == {"kb.jsonl", "cmrc_train.jsonl", "cmrc_eval.jsonl", "gsm8k_train.jsonl",
+                            "gsm8k_eval.jsonl", "embed_train.jsonl"}
     kb = outputs["kb.jsonl"]
-    assert kb and all(set(r) == {"chunk_id", "article_id", "title", "text"} for r in kb)
-    sft = outputs["cmrc_sft_train.json"]
-    assert len(sft) == 3 and all(set(r) == {"instruction", "input", "output"} for r in sft)
-    assert sft[0]["instruction"].startswith("请用下面的文段的原文来回答问题\n\n### 已知文段:")
-    assert sft[0]["instruction"].endswith("\n\n### 问题:中国的首都是哪里？\n") and sft[0]["output"] == "北京"
+    assert kb and all(isinstance(r, KbChunk) for r in kb)
+    chunk_ids = {r.chunk_id for r in kb}
+    train = outputs["cmrc_train.jsonl"]
+    assert len(train) == 3 and all(isinstance(r, ReadingQuestion) for r in train)
+    assert train[0].question == "中国的首都是哪里？" and train[0].answers == ["北京"] and "北京" in train[0].context
     (ev,) = outputs["cmrc_eval.jsonl"]
-    assert set(ev) == {"id", "question", "answers", "article_id", "gold_chunk_id", "context"}
-    assert ev["answers"] == ["上海"] and "上海" in ev["context"]
-    assert ev["gold_chunk_id"] in {r["chunk_id"] for r in kb}
-    (rv,) = outputs["retrieval_eval.jsonl"]
-    assert set(rv) == {"query_id", "query", "gold_chunk_ids"} and ev["gold_chunk_id"] in rv["gold_chunk_ids"]
+    assert ev.answers == ["上海"] and "上海" in ev.context and ev.article_id == "E0"
+    # one definition of a relevant chunk: every chunk holding a gold answer at its annotated place
+    assert ev.gold_chunk_ids and set(ev.gold_chunk_ids) <= chunk_ids
+    assert all("上海" in next(c.text for c in kb if c.chunk_id == g) for g in ev.gold_chunk_ids)
     triples = outputs["embed_train.jsonl"]
-    assert all(set(t) == {"query", "pos", "neg", "prompt"} and t["prompt"] == "query: " for t in triples)
+    assert all(isinstance(t, Triple) and t.prompt == "query: " for t in triples)
     for t in triples:
-        assert t["pos"] and not set(t["pos"]) & set(t["neg"])
+        assert t.pos and not set(t.pos) & set(t.neg)
         # negatives come from train articles only and never hold the answer
-        assert all("上海" not in n for n in t["neg"])
+        assert all("上海" not in n for n in t.neg)
     gsm = outputs["gsm8k_train.jsonl"][0]
-    assert set(gsm) == {"id", "question", "rationale", "answer"} and gsm["answer"] == "2"
-    assert set(outputs["gsm8k_eval.jsonl"][0]) == {"id", "question", "answer"}
+    assert gsm.answer == "2" and gsm.rationale
+    assert outputs["gsm8k_eval.jsonl"][0].rationale == ""
     assert stats["leak_check"]["passed"] and stats["cmrc"]["train_articles"] == 3
 
 
-def test_sft_context_window_holds_the_answer_and_leaves_eval_alone(tmp_path):
-    long_context = "前言很长很长。" * 4 + "答案就在这里：黄山。" + "后记也很长。" * 4
-    train = [*TRAIN_ARTICLES, article("T3", long_context, [("答案在哪里？", [("黄山", long_context.index("黄山"))])])]
-    cfg = {"chunk_size": 60, "chunk_overlap": 10}
-    whole, stats_whole = run_prepare(raw_dir(tmp_path, train=train), cfg)
-    windowed, stats = run_prepare(raw_dir(tmp_path, train=train), cfg | {"sft_context_chars": 30})
-    context = windowed["cmrc_sft_train.json"][3]["instruction"].split("### 已知文段:")[1].split("\n\n### 问题:")[0]
-    assert len(context) == 30 and "黄山" in context and context in long_context
-    assert windowed["cmrc_sft_train.json"][3]["output"] == "黄山"
-    assert stats["cmrc"]["sft_context_chars_mean"] < stats_whole["cmrc"]["sft_context_chars_mean"]
-    # contexts already shorter than the window, eval contexts and the KB stay as they were
-    assert windowed["cmrc_sft_train.json"][:3] == whole["cmrc_sft_train.json"][:3]
-    for name in ("cmrc_eval.jsonl", "kb.jsonl", "retrieval_eval.jsonl", "embed_train.jsonl"):
-        assert windowed[name] == whole[name]
+def test_prepared_files_round_trip_through_their_schema(tmp_path):
+    outputs, _ = run_prepare(raw_dir(tmp_path))
+    for name, rows in outputs.items():
+        write_records(tmp_path / name, rows)
+        assert read_records(tmp_path / name, type(rows[0])) == rows
+    (tmp_path / "bad.jsonl").write_text('{"id": "q", "question": "x", "answers": []}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: "):
+        read_records(tmp_path / "bad.jsonl", ReadingQuestion)
 
 
 def test_planted_context_leak_fails_naming_it(tmp_path):
@@ -176,7 +172,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
         load_cmrc(path, Report())
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2:\d+: malformed JSON: Expecting value at line 2 column \d+"):
         load_gsm8k(jsonl, "train")
 
 

@@ -70,3 +70,59 @@ def test_stage_run_tags_params_step_metrics_and_model(tracked, tmp_path):
     files = [f.path for f in mlflow.MlflowClient().list_logged_model_artifacts(model.model_id)]
     assert files == ["adapter_config.json"]
     assert model.artifact_location.startswith((tracked / "mlartifacts").as_uri())
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_project_logs_artifacts_into_its_own_folder(tmp_path, monkeypatch, capsys):
+    """mlflow.db records the experiment's absolute artifact folder; a copy of the project (or a clone
+    that brought mlflow.db along) must not log into the original checkout."""
+    import shutil
+    from pathlib import Path
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)  # the root is the folder holding dvc.yaml
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "dvc.yaml").write_text("stages: {}\n")
+    (original / "report.txt").write_text("from the original\n")
+    monkeypatch.chdir(original)
+    try:
+        with tracking.stage_run("split") as run_mlflow:
+            run_mlflow.log_artifact(str(original / "report.txt"))
+            first = run_mlflow.active_run().info
+        assert first.artifact_uri.startswith((original / "mlartifacts").as_uri())
+        assert "tracking:" not in capsys.readouterr().err  # nothing to say in the original
+
+        copy = tmp_path / "elsewhere" / "copy"
+        shutil.copytree(original, copy)  # mlflow.db and mlartifacts included
+        before = _files(original)
+        (copy / "report.txt").write_text("from the copy\n")
+        monkeypatch.chdir(copy)
+        # as a fresh stage process in the copy: mlflow.set_tracking_uri exported the original's store
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        runs = []
+        for stage in ("split", "sft"):  # the second run finds the copy's experiment made by the first
+            with tracking.stage_run(stage) as run_mlflow:
+                run_mlflow.log_artifact(str(copy / "report.txt"))
+                runs.append(run_mlflow.active_run().info)
+        err = capsys.readouterr().err
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    assert _files(original) == before  # the original gained nothing, its mlflow.db included
+    for info in runs:
+        assert info.artifact_uri.startswith((copy / "mlartifacts").as_uri() + "/")
+        logged = Path(url2pathname(urlparse(info.artifact_uri).path)) / "report.txt"
+        assert logged.is_relative_to(copy / "mlartifacts") and logged.read_text() == "from the copy\n"
+    assert runs[0].experiment_id == runs[1].experiment_id != first.experiment_id
+    experiment = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_experiment(runs[0].experiment_id)
+    assert experiment.name == f"ragtune ({copy})"
+    assert f"keeps its artifacts in {(original / 'mlartifacts').as_uri()}" in err
+    assert f"logging to experiment 'ragtune ({copy})'" in err
