@@ -24,7 +24,12 @@ from ragtune.devices import (
     resolve_dtype,
     training_precision,
 )
-from ragtune.training import SftConfig, bnb_4bit_config, check_quantization, training_arguments
+from ragtune.training import (
+    SftConfig,
+    bnb_4bit_config,
+    check_quantization,
+    training_arguments,
+)
 from tests.conftest import ROOT, project_env
 
 # --------------------------------------------------------------------------- device and dtype
@@ -193,8 +198,9 @@ def test_sft_stage_with_4bit_stops_at_once_on_this_machine(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["sft: sft.quantization=4bit (QLoRA) needs a CUDA GPU and this machine has none: "
-                     "use sft.quantization=none here"], proc.stderr[-2000:]
+    expected = ("sft: sft.quantization=4bit (QLoRA) needs a CUDA GPU and this machine has none: "
+                "use sft.quantization=none here")
+    assert lines == [expected], proc.stderr[-2000:]
     assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
     print(f"\n4bit refused after {time.monotonic() - started:.1f} s (imports included)")
 

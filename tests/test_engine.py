@@ -247,7 +247,7 @@ def test_eval_stage_with_the_vllm_backend_writes_metrics(tiny_bundle, mirror, st
     env["PATH"] = f"{standin}{os.pathsep}{env['PATH']}"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "stages/eval.py"), "--bundle", str(tiny_bundle), "--out",
-                           "reports/eval_base"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+                           "reports/eval_base"], cwd=work, env=env, capture_output=True, text=True, timeout=900, check=False)
     print(f"\neval with eval.backend=vllm (stand-in, real SmolLM2 + adapter): {time.monotonic() - started:.0f} s")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = json.loads((work / "reports/eval_base/metrics.json").read_text())

@@ -73,7 +73,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def test_device_placement_is_cuda_and_bf16():
-    from ragtune.devices import placement, resolve_device, resolve_dtype, training_precision
+    from ragtune.devices import (
+        placement,
+        resolve_device,
+        resolve_dtype,
+        training_precision,
+    )
 
     assert resolve_device("auto") == "cuda"
     assert resolve_device("cuda:0") == "cuda:0"

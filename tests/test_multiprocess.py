@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,14 +100,20 @@ def test_ddp_on_two_cpu_processes_equals_one_process_and_resumes_after_kill(tmp_
     import mlflow
     import torch
 
-    env = project_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DVC_EXP_NAME="ddp-under-test")
-    cmd = [sys.executable, str(ROOT / "stages/sft.py")]
+    # A snapshot of the code: a checkpoint is resumed only by the code that wrote it (its fingerprint
+    # hashes stages/sft.py and ragtune/), so an edit to the checkout mid-test must not reach the runs.
+    code = tmp_path / "code"
+    for folder in ("ragtune", "stages"):
+        shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    env = project_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DVC_EXP_NAME="ddp-under-test",
+                      PYTHONPATH=str(code))
+    cmd = [sys.executable, str(code / "stages/sft.py")]
 
     # 1. One process, global batch 4.
     single = project(tmp_path, base_generator, "single", launcher="python", batch_size=4)
     started = time.time()
     proc = subprocess.run(cmd, cwd=single, env=env | {"MLFLOW_TRACKING_URI": f"sqlite:///{single / 'mlflow.db'}"},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single_s = time.time() - started
 
@@ -136,7 +143,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_and_resumes_after_kill(tmp_
     assert "--multi_gpu" in first_log  # torchrun: MULTI_CPU alone would have started one process
     assert not (ddp / "models/sft/adapter").exists()  # nothing half-written
 
-    second = subprocess.run(cmd, cwd=ddp, env=env_ddp, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, cwd=ddp, env=env_ddp, capture_output=True, text=True, timeout=900, check=False)
     ddp_s = time.time() - started
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
@@ -170,7 +177,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_and_resumes_after_kill(tmp_
     # ends far from the 2-step DDP checkpoint, as ranks that did not synchronise would.
     half = project(tmp_path, base_generator, "half", launcher="python", batch_size=2, max_steps=2)
     proc = subprocess.run(cmd, cwd=half, env=env | {"MLFLOW_TRACKING_URI": f"sqlite:///{half / 'mlflow.db'}"},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     control = max_diff(adapter_tensors(half / "models/sft/adapter"), b2)
     print(f"\nDDP 2 x 2 (killed at step 2, resumed) vs 1 x 4: max |delta| {diff:.3g} after {STEPS} steps, "
