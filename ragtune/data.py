@@ -1,4 +1,5 @@
-"""Datasets: parse CMRC2018 and GSM8K, split by article, chunk the knowledge base, mine negatives."""
+"""Datasets: parse CMRC2018 and GSM8K, split by article, chunk the knowledge base, mine negatives; the
+building blocks ragtune.custom_data uses for your own documents and questions."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _nearest(context: str, text: str, start: int) -> int:
     return min(positions, key=lambda p: (abs(p - start), p)) if positions else -1
 
 
-def _check_answer(context: str, text: Any, start: Any, where: str, report: Report) -> tuple[str, int] | None:
+def check_answer(context: str, text: Any, start: Any, where: str, report: Report) -> tuple[str, int] | None:
     if text is not None and not isinstance(text, str):
         raise DataError(f"{where}: field 'text' has the wrong type ({type(text).__name__})")
     if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
@@ -107,30 +108,30 @@ def load_cmrc(path: str | os.PathLike, report: Report, seen_ids: dict[str, str] 
     drops_before = len(report.drops)
     articles = []
     for a_idx, entry in enumerate(root["data"]):
-        for p_idx, para in enumerate(_field(entry, "paragraphs", list, f"{path}: data[{a_idx}]")):
+        for p_idx, para in enumerate(typed_field(entry, "paragraphs", list, f"{path}: data[{a_idx}]")):
             where = f"{path}: data[{a_idx}].paragraphs[{p_idx}]"
-            context = _field(para, "context", str, where)
+            context = typed_field(para, "context", str, where)
             if not context.strip():
                 raise DataError(f"{where}: empty 'context'")
-            article_id = str(_field(para, "id", (str, int), where))
+            article_id = str(typed_field(para, "id", (str, int), where))
             if article_id in seen_ids:
                 raise DataError(f"{where}: paragraph id '{article_id}' repeats {seen_ids[article_id]}")
             seen_ids[article_id] = where
             article = Article(id=article_id, title=str(entry.get("title", "")), context=context)
-            for q_idx, qa in enumerate(_field(para, "qas", list, where)):
+            for q_idx, qa in enumerate(typed_field(para, "qas", list, where)):
                 q_where = f"{where}.qas[{q_idx}]"
-                qid = str(_field(qa, "id", (str, int), q_where))
+                qid = str(typed_field(qa, "id", (str, int), q_where))
                 q_where = f"{path}: question {qid}"
-                question = _field(qa, "question", str, q_where)
+                question = typed_field(qa, "question", str, q_where)
                 if not question.strip():
                     report.drops.append({"where": q_where, "reason": "empty_question"})
                     continue
                 answers = []
-                for ans_idx, ans in enumerate(_field(qa, "answers", list, q_where)):
+                for ans_idx, ans in enumerate(typed_field(qa, "answers", list, q_where)):
                     a_where = f"{q_where} answer {ans_idx}"
                     if not isinstance(ans, dict) or "text" not in ans:
                         raise DataError(f"{a_where}: missing field 'text'")
-                    checked = _check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
+                    checked = check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
                     if checked and checked not in answers:
                         answers.append(checked)
                 if not answers:
@@ -144,7 +145,7 @@ def load_cmrc(path: str | os.PathLike, report: Report, seen_ids: dict[str, str] 
     return articles
 
 
-def _field(record: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+def typed_field(record: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if name not in record or record[name] is None:
@@ -157,7 +158,7 @@ def _field(record: Any, name: str, kind: type | tuple[type, ...], where: str) ->
 # --------------------------------------------------------------------------- GSM8K
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
-_GSM8K_FINAL = re.compile(r"-?\d[\d,]*(\.\d+)?")  # every final answer of GSM8K's train and test
+GSM8K_FINAL = re.compile(r"-?\d[\d,]*(\.\d+)?")  # every final answer of GSM8K's train and test
 
 
 def load_gsm8k(path: str | os.PathLike, split_name: str, blank_lines: list[int] | None = None) -> list[dict[str, str]]:
@@ -167,11 +168,11 @@ def load_gsm8k(path: str | os.PathLike, split_name: str, blank_lines: list[int] 
     `blank_lines` when given, so the caller can report them (split's stats.json does)."""
     rows = []
     for lineno, rec in iter_jsonl(path, blank_lines):
-        question, answer = (_field(rec, name, str, f"{path}:{lineno}") for name in ("question", "answer"))
+        question, answer = (typed_field(rec, name, str, f"{path}:{lineno}") for name in ("question", "answer"))
         if not question.strip():
             raise DataError(f"{path}:{lineno}: empty 'question'")
         rationale, marker, final = answer.rpartition("####")
-        if not marker or not _GSM8K_FINAL.fullmatch(final.strip()):
+        if not marker or not GSM8K_FINAL.fullmatch(final.strip()):
             raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line (got {final.strip()[:40]!r})")
         rows.append(
             {
@@ -246,6 +247,9 @@ def split_articles(articles: Sequence[Article], eval_fraction: float, seed: int)
 # --------------------------------------------------------------------------- chunking
 
 _SENTENCE_END = re.compile(r"[。！？；!?;\n]+")
+# Your own documents (data=custom) may be English: a full stop followed by a space ends a sentence too
+# (CMRC keeps the pattern above, so its chunks and their ids stay as they were).
+SENTENCE_END_ANY = re.compile(r"[。！？；!?;\n]+|\.(?:\s+|$)")
 
 
 @dataclass
@@ -258,15 +262,16 @@ class Chunk:
     text: str
 
 
-def chunk_article(article: Article, size: int, overlap: int) -> list[Chunk]:
+def chunk_article(article: Article, size: int, overlap: int, sentence_end: re.Pattern = _SENTENCE_END) -> list[Chunk]:
     """Pack whole sentences into chunks of at most `size` characters, each starting `overlap`
     characters' worth of sentences before the previous one ended. Ids are `<article>-<n>`:
-    stable across runs for the same text and settings. A sentence longer than `size` is cut."""
+    stable across runs for the same text and settings. A sentence longer than `size` is cut.
+    `sentence_end` matches what ends a sentence (SENTENCE_END_ANY adds English full stops)."""
     if size <= 0 or not 0 <= overlap < size:
         raise ValueError(f"chunking needs size > 0 and 0 <= overlap < size, got {size}, {overlap}")
     text = article.context
     bounds, pos = [], 0  # sentence (start, end) spans, long ones cut at `size`
-    for match in _SENTENCE_END.finditer(text):
+    for match in sentence_end.finditer(text):
         bounds.append((pos, match.end()))
         pos = match.end()
     if pos < len(text):
@@ -382,8 +387,9 @@ def prepare(
     query_prompt: str = "",
     seed: int,
 ):
-    """Everything split writes, as {file name: rows}, plus its stats. Raises DataError on bad
-    input or on a train/eval leak, before anything is written."""
+    """Everything split writes for CMRC2018 + GSM8K, as {file name: rows}, plus its stats (your own data:
+    ragtune.custom_data.prepare_custom). Raises DataError on bad input or on a train/eval leak, before
+    anything is written."""
     report, seen_ids = Report(), {}
     train = [a for f in data.cmrc_train for a in load_cmrc(raw_dir / f, report, seen_ids)]
     if data.cmrc_eval:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ragtune.bundle import PackageConfig
 from ragtune.config import CommonConfig, Config, ConfigError, Params, compose, read_params
 from ragtune.data import SplitConfig
-from ragtune.sources import DataConfig
+from ragtune.sources import DataChoice
 from ragtune.embedding import EmbedFtConfig
 from ragtune.engine import VllmConfig
 from ragtune.evaluate import EvalConfig
@@ -45,7 +45,7 @@ SETTINGS_GROUPS: dict[str, type[Config]] = {
     "vllm": VllmConfig,
 }
 CHOICE_GROUPS: dict[str, Any] = {
-    "data": DataConfig,
+    "data": DataChoice,
     "model": ModelConfig,
     "embedder": EmbedderConfig,
     "teacher": TeacherConfig,

@@ -42,20 +42,42 @@ class RetrievalConfig(Config):
     bm25_weight: float = Field(1.0, ge=0, description="hybrid: weight of BM25's ranks")
     dense_weight: float = Field(1.0, ge=0, description="hybrid: weight of the dense retriever's ranks")
     batch_size: int = Field(64, ge=1, description="dense: texts per encoding batch")
+    index_title: int = Field(2, ge=0, le=5, description="the document's title is indexed this many times with each "
+                                                       "chunk (0: the chunk's text alone); passages stay the text")
+
+
+# A word of an alphabetic script (letters and digits, inner apostrophes kept): CJK characters are left out,
+# so "LED灯组" gives "led" and leaves "灯组" to jieba.
+_CJK_RANGES = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff"
+_WORD = re.compile(rf"[^\W_{_CJK_RANGES}]+(?:'[^\W_{_CJK_RANGES}]+)*")
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
 
 
 def tokenize_zh(text: str, stopwords: Iterable[str] = ()) -> list[str]:
-    """jieba words, lower-cased, punctuation and spaces dropped, one-character words kept.
+    """jieba words, lower-cased, punctuation and spaces dropped, one-character words kept; English
+    (and other alphabetic) words whole.
 
     bm25s's own tokenizer uses the pattern r"(?u)\\b\\w\\w+\\b", which drops every
-    one-character token: in Chinese that loses words such as 书, 猫 or 宋.
+    one-character token: in Chinese that loses words such as 书, 猫 or 宋. jieba splits words of
+    a-z fine, but cuts a word at any other letter ("café" -> "caf", "é") and at an apostrophe
+    ("bakery's" -> "bakery", "s"): such words are taken whole here, a possessive 's dropped.
+    Text without them is cut by jieba exactly as before.
     """
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
     stop = set(stopwords)
-    text = unicodedata.normalize("NFKC", text).lower()
-    return [t for t in jieba.lcut(text) if t.strip() and not _PUNCT_OR_SPACE.match(t) and t not in stop]
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    tokens, pos = [], 0
+    for match in _WORD.finditer(text):
+        word = match.group()
+        if _ASCII_WORD.fullmatch(word):
+            continue  # jieba's own: the same tokens as ever
+        tokens += jieba.lcut(text[pos:match.start()]) if match.start() > pos else []
+        tokens.append(word[:-2] if word.endswith("'s") else word)
+        pos = match.end()
+    tokens += jieba.lcut(text[pos:]) if pos < len(text) else []
+    return [t for t in tokens if t.strip() and not _PUNCT_OR_SPACE.match(t) and t not in stop]
 
 
 class Retriever(Protocol):
@@ -300,17 +322,24 @@ def load_retriever(folder: str | Path, device: str = "cpu") -> Retriever:
     return _KINDS[kind].load(folder, device=device)
 
 
+def indexed_texts(chunks: Sequence[Any], index_title: int) -> list[str]:
+    """What a retriever indexes for each chunk (KbChunk): its title `index_title` times, then its text.
+    Questions name their subject ("《战国无双3》是由…"), which often only the title carries: on CMRC
+    trial BM25 hit@1 goes from 0.747 (text alone) to 0.822 (title twice)."""
+    return [" ".join([c.title] * index_title + [c.text]) if c.title else c.text for c in chunks]
+
+
 def build_retriever(
     cfg: RetrievalConfig,
-    chunk_ids: Sequence[str],
-    texts: Sequence[str],
+    chunks: Sequence[Any],
     *,
     embedder: Any = None,
     query_prompt: str = "",
     device: str = "cpu",
 ) -> Retriever:
-    """The retriever `cfg.kind` names over the chunks; dense and hybrid need `embedder` (a folder, loaded
-    on `device`, or a SentenceTransformer)."""
+    """The retriever `cfg.kind` names over the chunks (KbChunk: titles indexed per cfg.index_title); dense
+    and hybrid need `embedder` (a folder, loaded on `device`, or a SentenceTransformer)."""
+    chunk_ids, texts = [c.chunk_id for c in chunks], indexed_texts(chunks, cfg.index_title)
     if cfg.kind == "bm25":
         return BM25Index(chunk_ids, texts, cfg.stopwords)
     if embedder is None:

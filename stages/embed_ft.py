@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import tempfile
 import sys
 import time
@@ -21,7 +22,7 @@ from ragtune.embedding import EmbedFtConfig, evaluate, extend_cjk_vocabulary, fi
 from ragtune.io import atomic_dir, write_json
 from ragtune.models import EmbedderConfig
 from ragtune.records import CMRC_EVAL, EMBED_TRAIN, KB, ReadingQuestion, Triple, read_kb, read_records
-from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, RetrievalConfig, load_embedder
+from ragtune.retrieval import BM25Index, DenseIndex, HybridIndex, RetrievalConfig, indexed_texts, load_embedder
 from ragtune.tracking import stage_run
 
 BASE = Path("models/base/embedder")
@@ -45,12 +46,12 @@ def mlflow_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def read_inputs(cfg: EmbedFtConfig, seed: int):
-    """The training triples, the scored questions and the (selected) KB."""
+def read_inputs(cfg: EmbedFtConfig, seed: int, index_title: int):
+    """The training triples, the scored questions and the (selected) KB, indexed as the served retriever indexes it."""
     rows = seeded_sample(read_records(EMBED_TRAIN, Triple), cfg.max_samples, seed)
     eval_rows = seeded_sample(read_records(CMRC_EVAL, ReadingQuestion), cfg.eval.max_queries, seed)
     chunks = read_kb(KB)
-    kb_ids, kb_texts = [c.chunk_id for c in chunks], [c.text for c in chunks]
+    kb_ids, kb_texts = [c.chunk_id for c in chunks], indexed_texts(chunks, index_title)
     kb_ids, kb_texts = select_kb(kb_ids, kb_texts, eval_rows, cfg.eval.max_chunks, seed)
     return rows, eval_rows, kb_ids, kb_texts
 
@@ -81,15 +82,22 @@ def main() -> None:
     retrieval = params.group("retrieval", RetrievalConfig)
     eval_cfg = cfg.eval
     if int(os.environ.get("RANK", "0")) != 0:  # other accelerate processes train alongside; rank 0 scores and writes
-        rows, _, _, kb_texts = read_inputs(cfg, seed)
-        train_model(cfg, rows, kb_texts, seed, device)
+        rows, _, _, kb_texts = read_inputs(cfg, seed, retrieval.index_title)
+        if rows:
+            train_model(cfg, rows, kb_texts, seed, device)
         return
     logged = {"seed": seed, "device": device, "embed_ft": cfg.model_dump(), "embedder": {"query_prompt": query_prompt},
               "retrieval": retrieval.model_dump()}
     with stage_run("embed_ft", logged) as mlflow:
         start = time.time()
-        rows, eval_rows, kb_ids, kb_texts = read_inputs(cfg, seed)
+        rows, eval_rows, kb_ids, kb_texts = read_inputs(cfg, seed, retrieval.index_title)
         score = {"cutoff": eval_cfg.cutoff, "ks": tuple(eval_cfg.ks)}
+        if not rows:  # your own data without reading questions: nothing to train on
+            skip_training(f"no training triples in {EMBED_TRAIN} (no reading questions to train on)", mlflow,
+                          BM25Index(kb_ids, kb_texts, retrieval.stopwords), eval_rows, score, len(kb_ids), start)
+            return
+        if not eval_rows:
+            print(f"embed_ft: no held-out reading questions in {CMRC_EVAL}: the retrieval metrics score nothing", flush=True)
 
         # Training first: under a launcher the other ranks wait for rank 0 to join them.
         model, added, summary = train_model(cfg, rows, kb_texts, seed, device)
@@ -134,6 +142,20 @@ def main() -> None:
             # log_artifacts has no `name=` (that is log_model's); the folder lands under embed_ft_model/.
             mlflow.log_artifacts(str(OUT), artifact_path="embed_ft_model")
         print(json.dumps({k: v for k, v in report.items() if k != "train"} | {"train": summary}, ensure_ascii=False))
+
+
+def skip_training(reason: str, mlflow, bm25, eval_rows, score, kb_chunks: int, start: float) -> None:
+    """No training: the base embedder is copied as the 'tuned' one (the served retriever may use it) and the
+    metrics say why."""
+    print(f"embed_ft: {reason}: skipping training; {OUT} is a copy of {BASE}", flush=True)
+    with atomic_dir(OUT) as tmp:
+        shutil.copytree(BASE, tmp, dirs_exist_ok=True)
+    report = {"skipped": reason, "bm25": evaluate(bm25, eval_rows, **score), "kb_chunks": kb_chunks,
+              "eval_queries": len(eval_rows), "seconds": round(time.time() - start, 1)}
+    write_json(METRICS, report)
+    mlflow.set_tag("embed_ft.skipped", reason)
+    print(json.dumps(report, ensure_ascii=False))
+
 
 if __name__ == "__main__":
     run_stage("embed_ft", main)

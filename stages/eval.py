@@ -78,6 +78,9 @@ def main() -> None:
     device, dtype = placement(common.device, common.dtype)
     folder, out = Path(args.bundle), Path(args.out)
     sets = question_sets(read_records(CMRC_EVAL, ReadingQuestion), read_records(GSM8K_EVAL, MathsQuestion), cfg, common.seed)
+    for what, path, size in (("reading", CMRC_EVAL, len(sets.cmrc)), ("maths", GSM8K_EVAL, len(sets.gsm8k))):
+        if not size:  # your own data may have none: only the sets that exist are scored
+            print(f"eval: no held-out {what} questions in {path}: those rows are skipped", flush=True)
     name = "tuned" if read_manifest(folder).get("adapter") else "base"
     embedder = None
     if cfg.similarity:
@@ -95,7 +98,8 @@ def main() -> None:
         if base_metrics["base"]["questions"] != metrics["questions"]:
             raise DataError(f"{args.baseline}: scored on other question sets than {folder} (rerun eval_base)")
         report = {"base": base_metrics["base"], name: metrics,
-                  "tuned_minus_base": paired_differences(base_rows, rows, common.seed, cfg.bootstrap_resamples)}
+                  "tuned_minus_base": paired_differences(scored(base_rows), scored(rows), common.seed,
+                                                         cfg.bootstrap_resamples)}
         report["endpoints"] = endpoint_rows(cfg, folder, sets, common.seed, embedder)
         report |= {k: read_json(p) for k, p in UPSTREAM.items() if p.exists()}
         for upstream in ("router",):
@@ -126,6 +130,11 @@ def main() -> None:
             model_numbers = {k: v for k, v in numbers.items() if k.startswith(f"{name}.")}
             mlflow.log_metrics(model_numbers, model_id=model.model_id)  # the model carries what was measured on it
     print((out / "report.md").read_text(encoding="utf-8") if args.baseline else json.dumps(metrics["served"]))
+
+
+def scored(rows: dict) -> dict:
+    """The prediction sets that hold rows: an empty one (no held-out maths, say) has no difference to take."""
+    return {name: set_rows for name, set_rows in rows.items() if set_rows}
 
 
 def report_header(sets, cfg: EvalConfig, seed: int, device: str, dtype: str, tuned: dict, base: dict) -> list[str]:

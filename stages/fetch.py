@@ -1,9 +1,10 @@
-"""fetch: the datasets (checksummed, mirror first) and the base models as plain checkpoints."""
+"""fetch: the datasets (checksummed, mirror first) or your own files (data=custom), and the base models
+as plain checkpoints."""
 
 from pathlib import Path
 
 from ragtune.config import read_params, run_stage, stage_parser
-from ragtune.sources import RAW, DataConfig, fetch_datasets, resolve_mirror
+from ragtune.sources import RAW, CustomDataConfig, DataChoice, fetch_custom, fetch_datasets, resolve_mirror
 from ragtune.io import atomic_dir
 from ragtune.models import EmbedderConfig, ModelConfig, materialize_embedder, materialize_generator
 from ragtune.tracking import stage_run
@@ -14,13 +15,17 @@ EMBEDDER = Path("models/base/embedder")
 
 def main() -> None:
     params = read_params(stage_parser(__doc__).parse_args().params)
-    data = params.group("data", DataConfig)
+    data = params.group("data", DataChoice)
     model, embedder = params.group("model", ModelConfig), params.group("embedder", EmbedderConfig)
-    mirror = resolve_mirror(data.mirror)
-    logged = {"data": data.model_dump()["datasets"], "model": model.model_dump(), "embedder": embedder.model_dump()}
+    custom = isinstance(data, CustomDataConfig)
+    sources = data.model_dump() if custom else data.model_dump()["datasets"]
+    logged = {"data": sources, "model": model.model_dump(), "embedder": embedder.model_dump()}
     with stage_run("fetch", logged) as mlflow:
         with atomic_dir(RAW) as raw:
-            fetched = fetch_datasets(data.datasets, raw, mirror)
+            if custom:
+                fetched = fetch_custom(data, raw)
+            else:
+                fetched = fetch_datasets(data.datasets, raw, resolve_mirror(data.mirror))
             (raw / "SHA256SUMS").write_text("".join(f"{f['sha256']}  {f['file']}\n" for f in fetched))
         for f in fetched:
             print(f"fetched {f['file']} from {f['source']} (sha256 {'verified' if f['verified'] else 'recorded'})")

@@ -27,7 +27,7 @@ def main() -> None:
     logged = {"package": cfg.model_dump(), "retrieval": retrieval.model_dump(), "embedder.query_prompt": query_prompt}
     with stage_run("package_base", logged) as mlflow:
         chunks = read_kb(KB)
-        retriever = build_retriever(retrieval, [c.chunk_id for c in chunks], [c.text for c in chunks],
+        retriever = build_retriever(retrieval, chunks,
                                     embedder=None if retrieval.kind == "bm25" else str(EMBED_FT),
                                     query_prompt=query_prompt, device=device)
         manifest = build_bundle(OUT, kb_path=KB, base_dir=BASE, router_dir=ROUTER, retriever=retriever,

@@ -11,7 +11,7 @@ import ragtune.raft
 import ragtune.training
 from ragtune.config import read_params, run_stage, stage_parser
 from ragtune.devices import pin_training_gpu, placement, resolve_device
-from ragtune.io import atomic_dir, write_json
+from ragtune.io import DataError, atomic_dir, write_json
 from ragtune.models import EmbedderConfig, ModelConfig
 from ragtune.prompts import apply_chat_template
 from ragtune.raft import build_contexts
@@ -46,12 +46,15 @@ def cmrc_records(cfg: SftConfig, retrieval: RetrievalConfig, query_prompt: str, 
     from transformers import AutoTokenizer
 
     questions = read_records(CMRC_TRAIN, ReadingQuestion)
+    if not questions:  # your own data without reading questions: the maths CoT alone
+        print(f"sft: no reading questions in {CMRC_TRAIN}; training on the distilled maths alone", flush=True)
+        return [], {}
     articles = {q.article_id for q in questions}
     chunks = [c for c in read_kb(KB) if c.article_id in articles]
     retriever = None
     if cfg.contexts.kind == "retrieved":
         embedder = None if retrieval.kind == "bm25" else str(EMBED_FT)
-        retriever = build_retriever(retrieval, [c.chunk_id for c in chunks], [c.text for c in chunks],
+        retriever = build_retriever(retrieval, chunks,
                                     embedder=embedder, query_prompt=query_prompt, device=device)
     tokenizer = AutoTokenizer.from_pretrained(BASE)
 
@@ -84,6 +87,9 @@ def main() -> None:
     sources = {"cmrc": [r.model_dump() for r in cmrc], "distilled": [r.model_dump() for r in read_alpaca(DISTILLED, required=False)]}
     if not sources["distilled"]:
         print(f"sft: {DISTILLED} is missing or empty; training on CMRC alone", flush=True)
+    if not sources["cmrc"] and not sources["distilled"]:
+        raise DataError(f"nothing to train on: {CMRC_TRAIN} has no reading questions and "
+                        f"{DISTILLED} no distilled maths (see distill's message)")
     records, counts = mix_sources(sources, cfg.mix.model_dump(), total=cfg.max_samples, seed=seed)
     train, val = split_validation(records, cfg.val_size, seed)
     print(f"sft: {len(train)} train / {len(val)} val records, from {counts}; contexts {dict(built)}; {device}, {dtype}",

@@ -10,13 +10,14 @@ import pytest
 
 from ragtune.io import DataError
 from ragtune.metrics import hit_at, ndcg_at, reciprocal_rank, retrieval_metrics
-from ragtune.records import read_kb
+from ragtune.records import KbChunk, read_kb
 from ragtune.retrieval import (
     BM25Index,
     DenseIndex,
     HybridIndex,
     RetrievalConfig,
     build_retriever,
+    indexed_texts,
     load_retriever,
     tokenize_zh,
 )
@@ -93,10 +94,15 @@ def test_build_retriever_and_errors(tmp_path):
                   '{"chunk_id": "b", "article_id": "x", "title": ""}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"kb.jsonl:2: missing field 'text'"):
         read_kb(kb)
-    retriever = build_retriever(RetrievalConfig(kind="bm25"), ["a", "b"], ["猫", "狗"])
+    chunks = [KbChunk(chunk_id="a", article_id="x", title="", text="猫"),
+              KbChunk(chunk_id="b", article_id="y", title="宋朝", text="狗")]
+    retriever = build_retriever(RetrievalConfig(kind="bm25"), chunks)
     assert retriever.retrieve("狗", 1) == [("b", pytest.approx(retriever.retrieve("狗", 1)[0][1]))]
+    assert retriever.retrieve("宋朝的狗", 2)[0][0] == "b"  # the title is indexed with the chunk
+    assert build_retriever(RetrievalConfig(kind="bm25", index_title=0), chunks).retrieve("宋朝", 1) == []
+    assert indexed_texts(chunks, 2) == ["猫", "宋朝 宋朝 狗"]
     with pytest.raises(ValueError, match="needs an embedder"):
-        build_retriever(RetrievalConfig(kind="dense"), ["a"], ["猫"])
+        build_retriever(RetrievalConfig(kind="dense"), chunks[:1])
     with pytest.raises(DataError, match="not a saved retriever"):
         load_retriever(tmp_path)
 
