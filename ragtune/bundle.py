@@ -336,6 +336,12 @@ class Bundle:
         limit = self.max_positions - budget
         if limit <= 0:
             raise PromptTooLong(f"max_tokens {budget} leaves no room for a prompt in the model's {self.max_positions} positions")
+        if not passages:  # nothing in the KB matched (e.g. "hi"): the model sees an empty context
+            text = prompts.cmrc_prompt("", question)
+            if self._prompt_tokens(text) > limit:
+                raise PromptTooLong(f"the question does not fit the model's {self.max_positions} positions next to a "
+                                    f"{budget}-token answer")
+            return text, 0, "no passage in the knowledge base matched the question"
         kept = list(passages)
         while kept:
             text = prompts.cmrc_prompt(prompts.join_passages(kept), question)

@@ -202,6 +202,7 @@ class ParsedRequest:
 def parse_chat_request(body: bytes, headers: Mapping[str, str], settings: ServeConfig) -> ParsedRequest:
     """A chat completion request from its raw body and headers; every problem is an ApiError (4xx)."""
     check_content_type([v for k, v in headers.items() if k.lower() == "content-type"])
+    check_content_encoding([v for k, v in headers.items() if k.lower() == "content-encoding"])
     if len(body) > settings.max_body_bytes:
         raise ApiError(413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large")
     payload = parse_json(body)
@@ -216,6 +217,9 @@ def parse_chat_request(body: bytes, headers: Mapping[str, str], settings: ServeC
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(400, f"{where}: {first['msg']}", code="invalid_request", param=where) from None
+    if (unsupported := unsupported_feature(payload)) is not None:
+        raise ApiError(400, f"{unsupported} is not supported by this server (it answers in plain text)",
+                       code="unsupported_parameter", param=unsupported)
     if req.model not in (None, "", MODEL_ID):
         raise ApiError(404, f"model '{shown(req.model)}' does not exist; this server has '{MODEL_ID}'",
                        code="model_not_found", param="model")
@@ -236,6 +240,30 @@ def parse_chat_request(body: bytes, headers: Mapping[str, str], settings: ServeC
         stream=req.stream,
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
     )
+
+
+def unsupported_feature(payload: Mapping[str, Any]) -> str | None:
+    """The first OpenAI feature the request asks for that this server cannot honour (tools, a JSON
+    response format, log probabilities), or None: silently ignoring them would hand a client text it
+    does not expect."""
+    if payload.get("tools") or payload.get("functions"):
+        return "tools" if payload.get("tools") else "functions"
+    if payload.get("tool_choice") not in (None, "none", "auto"):
+        return "tool_choice"
+    response_format = payload.get("response_format")
+    if response_format is not None and not (isinstance(response_format, Mapping) and response_format.get("type") == "text"):
+        return "response_format"
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        return "logprobs"
+    return None
+
+
+def check_content_encoding(values: list[str]) -> None:
+    """The body is sent as is (no Content-Encoding, or `identity`), else 415: a compressed body would
+    otherwise be read as garbled JSON."""
+    if any(v.strip().lower() not in ("", "identity") for v in values):
+        raise ApiError(415, f"Content-Encoding '{shown(values[0], 40)}' is not supported: send the body uncompressed",
+                       code="unsupported_media_type")
 
 
 def check_content_type(values: list[str]) -> None:

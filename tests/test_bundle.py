@@ -120,6 +120,15 @@ def test_passages_are_fitted_to_the_models_context(bundle, monkeypatch):
         bundle.prepare("这个问题很长。" * 200, max_new_tokens=40)
 
 
+
+def test_a_reading_question_nothing_matches_is_answered(bundle, monkeypatch):
+    """A question whose words match no chunk ("hi", "?") gets an empty context, not a server error."""
+    monkeypatch.setattr(bundle, "route", lambda question: ("reading", None))
+    prepared = bundle.prepare("?")
+    assert prepared.sources == [] and "no passage" in prepared.context_note
+    assert prepared.user_text == bundle.prepare_with_passages("?", []).user_text
+    assert bundle.answer_prepared([prepared])[0]["route"] == "reading"
+
 def test_gold_passages_use_the_same_template_and_budget(bundle):
     prepared = bundle.prepare_with_passages(READING_QUESTION, ["光荣和ω-force合作开发了这款游戏。"])
     assert prepared.route == "reading" and prepared.max_new_tokens == TINY_ANSWER.max_new_tokens_reading

@@ -79,6 +79,12 @@ MALFORMED = [
     (chat(stream=True, stream_options={"include_usage": "yes"}), JSON, 400, "invalid_request"),
     (json.dumps({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}).encode(), JSON, 400, "invalid_request"),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), JSON, 400, "no_question"),
+    # OpenAI features a plain-text answer cannot honour: refused, never silently ignored
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), JSON, 400, "unsupported_parameter"),
+    (chat(tool_choice="required"), JSON, 400, "unsupported_parameter"),
+    (chat(response_format={"type": "json_object"}), JSON, 400, "unsupported_parameter"),
+    (chat(logprobs=True, top_logprobs=5), JSON, 400, "unsupported_parameter"),
+    (chat(), {**JSON, "Content-Encoding": "gzip"}, 415, "unsupported_media_type"),
     (b"null", JSON, 400, "invalid_request"),
     (b'"hello"', JSON, 400, "invalid_request"),
     (b"", JSON, 400, "invalid_json"),
@@ -123,6 +129,8 @@ def test_a_valid_request_becomes_question_budget_and_options():
                                                        {"type": "text", "text": "café 😀"}]}],
              "model": "ragtune", "temperature": 0, "seed": 10**100, "user": "u", "unknown_field": [1, None]}
     assert parse_chat_request(json.dumps(parts).encode(), JSON, SETTINGS).question == "le café 😀"
+    plain = chat(response_format={"type": "text"}, tool_choice="none", tools=[], logprobs=False)
+    assert parse_chat_request(plain, {**JSON, "Content-Encoding": "identity"}, SETTINGS).question == "hi"
     for content_type in ("application/json; charset=utf-8", "Application/JSON;charset=\"UTF-8\"", "application/json;"):
         assert parse_chat_request(chat(), {"content-type": content_type}, SETTINGS).question == "hi"
 
