@@ -143,8 +143,9 @@ def report_header(sets, cfg: EvalConfig, seed: int, device: str, dtype: str, tun
     return [
         "# ragtune eval: the served assistant, base bundle against tuned bundle",
         "",
-        f"{sizes['cmrc']} held-out CMRC trial + {sizes['gsm8k']} GSM8K test questions through each bundle's own "
-        f"answer path; {sizes['unanswerable']} more CMRC questions with their article left out of retrieval.",
+        f"{sizes['cmrc']} held-out reading questions (CMRC2018 trial, or data=custom's) + {sizes['gsm8k']} held-out "
+        f"maths questions (GSM8K test, or data=custom's) through each bundle's own answer path; "
+        f"{sizes['unanswerable']} more reading questions with their article left out of retrieval.",
         f"Official CMRC2018 EM/F1; seed {seed}; means with 95 % bootstrap intervals ({cfg.bootstrap_resamples} "
         f"resamples), differences by paired bootstrap over the same questions. Generation on {device}, {dtype}, greedy.",
         f"Tuned bundle {tuned['bundle_digest'][:12]}, base bundle {base['bundle_digest'][:12]}; tuned timings: {seconds}.",
