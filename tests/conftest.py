@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ragtune.config import read_params
@@ -59,6 +62,28 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(server: subprocess.Popen, port: int, timeout: float = 240) -> None:
+    """Poll a starting `ragtune serve` (stdout piped) until /healthz answers 200; fail with its output
+    if it exits first, or if it never answers within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, server.stdout.read()[-4000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -4,26 +4,18 @@ one of its held-out questions from the right document; editing a document makes 
 stale."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import copy_project, project_env, run
+from tests.conftest import copy_project, free_port, project_env, run, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "岚峰灯塔塔顶的铜钟有多重？"  # examples/reading_eval.jsonl zh-ev-01: held out, answered in docs/zh_lighthouse.md
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_examples_through_the_whole_pipeline_then_served(tmp_path):
@@ -53,16 +45,7 @@ def test_examples_through_the_whole_pipeline_then_served(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "ragtune.cli", "serve", "bundle", "--port", str(port), "--threads", "1"],
                               cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(1)
+        wait_until_healthy(server, port)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
         resp = client.chat.completions.create(model="ragtune", messages=[{"role": "user", "content": QUESTION}],
                                               max_tokens=16)

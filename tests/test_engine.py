@@ -6,7 +6,6 @@ adapter): `stages/eval.py` with eval.backend=vllm, and `ragtune serve --backend 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -22,15 +21,9 @@ import yaml
 
 from ragtune.config import compose
 from ragtune.engine import EngineError, VllmConfig, VllmEngine, vllm_command
-from tests.conftest import ROOT, project_env
+from tests.conftest import ROOT, free_port, project_env, wait_until_healthy
 
 STANDIN = ROOT / "tests" / "standin_vllm.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -273,13 +266,7 @@ def test_serve_with_the_vllm_backend_answers_and_stops_the_engine_on_exit(tiny_b
                               "--port", str(serve_port)], cwd=work, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and serve.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{serve_port}/healthz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        assert serve.poll() is None, serve.stdout.read()[-3000:]
+        wait_until_healthy(serve, serve_port, timeout=300)
         reply = httpx.post(f"http://127.0.0.1:{serve_port}/v1/chat/completions", timeout=60,
                            json={"model": "ragtune", "messages": [{"role": "user", "content": "《战国无双3》是由哪两个公司合作开发的？"}]})
         assert reply.status_code == 200, reply.text

@@ -4,25 +4,23 @@ serves answers with `ragtune serve` without any training."""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from openai import OpenAI
 
 from tests.bundle_fixtures import READING_QUESTION, small_kb, small_router, tiny_adapter
-from tests.conftest import ROOT, copy_project, project_env, run
+from tests.conftest import (
+    ROOT,
+    copy_project,
+    free_port,
+    project_env,
+    run,
+    wait_until_healthy,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
@@ -78,16 +76,7 @@ def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
         cwd=fresh, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(1)
+        wait_until_healthy(server, port)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         resp = client.chat.completions.create(
             model="ragtune", messages=[{"role": "user", "content": READING_QUESTION}], max_tokens=2
