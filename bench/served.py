@@ -5,6 +5,7 @@ bootstrap intervals) on the same seeded questions.
     python bench/served.py --adapter models/sft/adapter --top-k 1 2 3 --cmrc 200 --gsm8k 0
     python bench/served.py --adapter models/sft/adapter --top-k 1 --index-title 0 2 --abstain 50
     python bench/served.py --adapter none --gsm8k 100 --cmrc 0 --repeat-window 0 48 --force-box 0 1
+    python bench/served.py --top-k 1 --cmrc 100 --abstain 50 --gate-share 0 0.03 0.05   # 0: no gate
 
 Needs `dvc repro router` (data/prepared, models/router, models/base/generator). Prints one row per
 variant; the README's experiment tables come from runs of this script and of `dvc exp run`.
@@ -19,11 +20,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from ragtune.bundle import AnswerSettings, Bundle, PackageConfig, add_adapter, build_bundle
+from ragtune.abstention import RetrievalConfidence, calibrate
+from ragtune.bundle import (
+    AnswerSettings,
+    Bundle,
+    PackageConfig,
+    add_adapter,
+    build_bundle,
+)
 from ragtune.config import read_params
 from ragtune.devices import placement
 from ragtune.evaluate import EvalConfig, evaluate_bundle, question_sets
-from ragtune.records import CMRC_EVAL, GSM8K_EVAL, KB, MathsQuestion, ReadingQuestion, read_kb, read_records
+from ragtune.records import (
+    CMRC_EVAL,
+    CMRC_TRAIN,
+    GSM8K_EVAL,
+    KB,
+    MathsQuestion,
+    ReadingQuestion,
+    read_kb,
+    read_records,
+)
 from ragtune.retrieval import RetrievalConfig, build_retriever
 from ragtune.stats import format_ci
 
@@ -42,6 +59,9 @@ def arguments():
     parser.add_argument("--index-title", type=int, nargs="+", default=[2])
     parser.add_argument("--repeat-window", type=int, nargs="+", default=[48])
     parser.add_argument("--force-box", type=int, nargs="+", default=[1])
+    parser.add_argument("--gate-share", type=float, nargs="+", default=None,
+                        help="retrieval-confidence gate calibrated to abstain on this share of training questions "
+                             "(0: no gate; default: package.abstain_answerable_share)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--json", help="append one JSON line per variant to this file")
@@ -62,14 +82,20 @@ def main() -> None:
     chunks = read_kb(KB)
     print(f"{len(sets.cmrc)} CMRC + {len(sets.gsm8k)} GSM8K served, {len(sets.unanswerable)} unanswerable; "
           f"{device}, {dtype}; adapter {args.adapter}", flush=True)
+    shares = args.gate_share if args.gate_share is not None else [package.abstain_answerable_share or 0]
+    train = read_records(CMRC_TRAIN, ReadingQuestion)
     generator = None
-    for title, top_k, window, force in itertools.product(args.index_title, args.top_k, args.repeat_window, args.force_box):
+    for title, top_k, window, force, share in itertools.product(args.index_title, args.top_k, args.repeat_window,
+                                                                 args.force_box, shares):
+        retriever = build_retriever(retrieval.model_copy(update={"index_title": title}), chunks)
+        gate = calibrate(RetrievalConfidence(retriever, {c.chunk_id: c.article_id for c in chunks}), train, share,
+                         top_k).as_dict() if share else {}
         answer = AnswerSettings(top_k=top_k, max_new_tokens_maths=package.max_new_tokens_maths,
                                 max_new_tokens_reading=package.max_new_tokens_reading,
-                                unknown_route=package.unknown_route, repeat_window=window, force_box=bool(force))
+                                unknown_route=package.unknown_route, repeat_window=window, force_box=bool(force),
+                                min_confidence=gate.get("min_confidence"))
         with tempfile.TemporaryDirectory(prefix="served.", dir=".") as tmp:
             folder = Path(tmp) / "bundle_base"
-            retriever = build_retriever(retrieval.model_copy(update={"index_title": title}), chunks)
             build_bundle(folder, kb_path=KB, base_dir=BASE, router_dir=ROUTER, retriever=retriever, answer=answer)
             if args.adapter != "none":
                 add_adapter(folder, Path(tmp) / "bundle", args.adapter)
@@ -79,7 +105,7 @@ def main() -> None:
             generator.repeat_window = window
             started = time.perf_counter()
             metrics, _ = evaluate_bundle(bundle, sets, cfg, common.seed, log=lambda *_: None)
-        row = {"index_title": title, "top_k": top_k, "repeat_window": window, "force_box": bool(force),
+        row = {"index_title": title, "top_k": top_k, "repeat_window": window, "force_box": bool(force), "gate": gate,
                "seconds": round(time.perf_counter() - started), **summary(metrics)}
         print(json.dumps(row, ensure_ascii=False), flush=True)
         if args.json:

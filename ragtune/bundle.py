@@ -17,7 +17,9 @@ or pickles, and every load checks every file's hash, whichever generator answers
 Answering (the one answer path: `ragtune serve`, `ragtune ask`, the MLflow model and eval all call it):
 route -> maths: prompts.math_prompt -> generator (repetition guard; a box forced when missing) ->
 final answer read with metrics.math_answer; reading: retriever top-k -> prompts.cmrc_prompt (passages
-dropped or cut to fit the model's context) -> generator; the abstention reply is flagged.
+dropped or cut to fit the model's context) -> generator; the abstention reply is flagged. A reading
+question whose retrieval confidence is below the bundle's calibrated `min_confidence` gets the
+abstention reply without generating (ragtune.abstention).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ragtune import prompts
+from ragtune.abstention import RetrievalConfidence
 from ragtune.config import Config, UserError, validate
 from ragtune.inference import Completion
 from ragtune.io import DataError, atomic_dir, read_json, sha256_file
@@ -60,6 +63,9 @@ class AnswerSettings(Config):
                                                  "of at most N/3 tokens (0: off)")
     force_box: bool = Field(description="a maths answer that ends without \\\\boxed{} gets one: the model writes the "
                                         "number after 'The final answer is \\\\boxed{'")
+    min_confidence: float | None = Field(None, ge=0, description="a reading question whose retrieval confidence "
+                                         "(ragtune.abstention) is below this gets prompts.NO_ANSWER without generating; "
+                                         "null: never (package calibrates it)")
 
 
 class PackageConfig(Config):
@@ -73,9 +79,13 @@ class PackageConfig(Config):
     force_box: bool = Field(True, description="give a maths answer without \\\\boxed{} one (the model writes the number)")
     copy_base: bool = Field(
         False, description="copy the base generator into the bundle (standalone folder) instead of referencing models/base/generator")
+    abstain_answerable_share: float | None = Field(
+        0.03, ge=0, le=0.5, description="the retrieval-confidence gate abstains on at most this share of the training "
+                                        "reading questions (the threshold is calibrated on them); null: no gate")
 
-    def answer_settings(self, top_k: int) -> AnswerSettings:
-        return AnswerSettings(top_k=top_k, **self.model_dump(exclude={"copy_base"}))
+    def answer_settings(self, top_k: int, min_confidence: float | None = None) -> AnswerSettings:
+        return AnswerSettings(top_k=top_k, min_confidence=min_confidence,
+                              **self.model_dump(exclude={"copy_base", "abstain_answerable_share"}))
 
 
 class PromptTooLong(UserError, ValueError):
@@ -253,6 +263,7 @@ class Prepared:
     route_note: str | None = None
     context_note: str | None = None
     budget_asked: bool = False  # the caller set max_new_tokens: it bounds the answer, no box is forced past it
+    abstain: bool = False  # the retrieval-confidence gate closed: the answer is prompts.NO_ANSWER, nothing is generated
 
 
 class Bundle:
@@ -264,6 +275,7 @@ class Bundle:
         self.chunks, self.generator = chunks, generator
         self.tokenizer, self.max_positions = tokenizer, max_positions
         self.settings = validate(AnswerSettings, manifest.get("answer"), prefix=("manifest.json: answer",))
+        self.confidence = RetrievalConfidence(index, {cid: c.article_id for cid, c in chunks.items()})
 
     @classmethod
     def load(
@@ -383,6 +395,14 @@ class Bundle:
         hits = self._retrieve(question, int(top_k or self.settings.top_k), exclude_articles)
         sources = [{"chunk_id": cid, "title": self.chunks[cid].title, "text": self.chunks[cid].text,
                     "score": round(score, 4)} for cid, score in hits]
+        threshold = self.settings.min_confidence
+        if threshold is not None:
+            confidence = self.confidence.confidence(question, hits, exclude_articles)
+            if confidence < threshold:
+                gate_note = (f"retrieval confidence {confidence:.3f} is below the bundle's {threshold:.3f}: "
+                             "the knowledge base does not seem to answer this")
+                return Prepared(question, READING, "", int(max_new_tokens or self.settings.max_new_tokens_reading),
+                                sources, note, gate_note, max_new_tokens is not None, abstain=True)
         return self._reading(question, sources, max_new_tokens, route_note=note)
 
     def prepare_with_passages(self, question: str, passages: Sequence[str], max_new_tokens: int | None = None) -> Prepared:
@@ -418,9 +438,9 @@ class Bundle:
     def generate(self, prepared: Sequence[Prepared]) -> list[Completion]:
         """One batched generate call per route and token budget (short maths prompts never wait in a
         batch padded to a reading prompt's passages), then the forced boxes."""
-        done: list[Any] = [None] * len(prepared)
-        for route, budget in sorted({(p.route, p.max_new_tokens) for p in prepared}):
-            idx = [i for i, p in enumerate(prepared) if (p.route, p.max_new_tokens) == (route, budget)]
+        done: list[Any] = [Completion(prompts.NO_ANSWER) if p.abstain else None for p in prepared]
+        for route, budget in sorted({(p.route, p.max_new_tokens) for p in prepared if not p.abstain}):
+            idx = [i for i, p in enumerate(prepared) if not p.abstain and (p.route, p.max_new_tokens) == (route, budget)]
             for i, completion in zip(idx, self._complete([prepared[i].user_text for i in idx], budget), strict=True):
                 done[i] = completion
         if self.settings.force_box:
@@ -463,6 +483,9 @@ class Bundle:
         """The generator's text for a prepared question, piece by piece, ending like `generate`'s (a
         forced box included); `cancel` (a threading.Event) stops it early, `stats` receives token
         counts and the finish reason."""
+        if prepared.abstain:
+            yield prompts.NO_ANSWER
+            return
         if not hasattr(self.generator, "stream"):
             yield self._complete([prepared.user_text], prepared.max_new_tokens)[0].text
             return

@@ -129,6 +129,29 @@ def test_a_reading_question_nothing_matches_is_answered(bundle, monkeypatch):
     assert prepared.user_text == bundle.prepare_with_passages("?", []).user_text
     assert bundle.answer_prepared([prepared])[0]["route"] == "reading"
 
+
+def test_the_confidence_gate_abstains_without_generating(bundle_dir):
+    """Below the bundle's min_confidence a reading question gets the abstention reply, flagged, with a
+    note and its passages, and never reaches the generator (batched and streamed alike); above it, or
+    with the gate off, the generator answers."""
+    recorder = Scripted(reply="光荣和ω-force")
+    gated = Bundle.load(bundle_dir, generator=recorder)
+    unknown = "黄独的外皮是什么颜色的？"  # the seed's example: its article is not in this KB
+    hits = gated._retrieve(READING_QUESTION, 1, None)
+    known_conf = gated.confidence.confidence(READING_QUESTION, hits)
+    unknown_conf = gated.confidence.confidence(unknown, gated._retrieve(unknown, 1, None))
+    assert unknown_conf < known_conf
+    gated.settings = gated.settings.model_copy(update={"min_confidence": (known_conf + unknown_conf) / 2})
+    answered, abstained = gated.answer_many([READING_QUESTION, unknown])
+    assert [texts for texts, _, _ in recorder.calls] == [[gated.prepare(READING_QUESTION).user_text]]
+    assert answered["answer"] == "光荣和ω-force" and not answered["abstained"]
+    assert abstained["answer"] == NO_ANSWER and abstained["abstained"] is True
+    assert "retrieval confidence" in abstained["context_note"]
+    prepared = gated.prepare(unknown)
+    assert prepared.abstain and "".join(gated.stream(prepared)) == NO_ANSWER
+    gated.settings = gated.settings.model_copy(update={"min_confidence": None})
+    assert not gated.answer_many([unknown])[0]["abstained"]
+
 def test_gold_passages_use_the_same_template_and_budget(bundle):
     prepared = bundle.prepare_with_passages(READING_QUESTION, ["光荣和ω-force合作开发了这款游戏。"])
     assert prepared.route == "reading" and prepared.max_new_tokens == TINY_ANSWER.max_new_tokens_reading

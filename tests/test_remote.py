@@ -45,6 +45,8 @@ def test_push_then_fresh_clone_pull_and_serve(mirror, base_generator, tmp_path):
         materialize_embedder(params.group("embedder", EmbedderConfig), project / "models" / "base" / "embedder")
     (project / "data" / "prepared").mkdir(parents=True)
     small_kb(mirror, project / "data" / "prepared" / "kb.jsonl")
+    # package_base calibrates its abstention gate on the training reading questions: none here, so no gate
+    (project / "data" / "prepared" / "cmrc_train.jsonl").write_text("", encoding="utf-8")
     small_router(mirror, project / "models" / "router")
     (project / "reports" / "router").mkdir(parents=True)
     (project / "reports" / "router" / "metrics.json").write_text('{"accuracy": null}\n')
