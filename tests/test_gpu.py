@@ -1,10 +1,11 @@
 """GPU smoke test: device placement, bf16 generation, a LoRA train step and the merge parity on CUDA,
-with a tiny Llama built from a config here (random weights, nothing downloaded). Skips without CUDA.
+with a tiny Llama built from a config here (random weights, nothing downloaded), and the embedder's
+fine-tune and dense retrieval on CUDA with a tiny BERT built the same way. Skips without CUDA.
 
 Self-contained for a bare GPU machine (no ragtune data, no internet): it needs only torch,
-transformers, peft, accelerate, safetensors, tokenizers, pydantic, pyyaml and pytest, and imports only
-ragtune modules that need no more (ragtune.devices, .inference, .training, .export; the GPU image
-has no mlflow, dvc, datasets, bm25s, jieba, nltk or fastapi). The tokenizer is SmolLM2's when
+transformers, peft, accelerate, safetensors, tokenizers, pydantic, pyyaml, sentence-transformers,
+datasets and pytest, and imports only ragtune modules that need no more (ragtune.devices, .inference,
+.training, .export, .embedding, .retrieval; no mlflow, dvc, bm25s, jieba, nltk or fastapi). The tokenizer is SmolLM2's when
 models/base/generator is there, else a character-level `tokenizers` WordLevel one with a chat
 template.
 
@@ -173,3 +174,44 @@ def test_4bit_needs_bitsandbytes_or_trains(tiny_llama, tmp_path):
                         lora_targets="all-linear", checkpoint_dir=tmp_path / "ck", adapter_dir=tmp_path / "ad",
                         run_fingerprint="qlora", device="cuda", dtype="bfloat16")
     assert result["metrics"]["steps"] == 1 and result["metrics"]["quantization"] == "4bit"
+
+
+def tiny_sentence_transformer(folder: Path) -> Path:
+    """A 2-layer BERT (hidden 32) with a character-level WordPiece vocabulary, saved as a folder that
+    sentence-transformers loads with mean pooling."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    texts = "".join(TRIPLE_TEXTS) + string.printable
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(texts) - set(string.whitespace))]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+TRIPLE_TEXTS = ["战国无双3由光荣和ω-force开发。", "黄独是一种植物。", "北京是中国的首都。", "the box is red", "the sky is blue"]
+
+
+def test_embedder_fine_tune_and_dense_retrieval_on_cuda(tmp_path):
+    """embed_ft's trainer and the dense retriever run on the GPU when the device says so."""
+    from ragtune.embedding import EmbedFtConfig, fine_tune
+    from ragtune.records import Triple
+    from ragtune.retrieval import DenseIndex, load_embedder
+
+    model = load_embedder(tiny_sentence_transformer(tmp_path / "bert"), "cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    rows = [Triple(query=f"问题{i}：{text[:4]}？", pos=[text], neg=[TRIPLE_TEXTS[(i + 1) % len(TRIPLE_TEXTS)]], prompt="")
+            for i, text in enumerate(TRIPLE_TEXTS)]
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = EmbedFtConfig(max_samples=len(rows), negatives=1, batch_size=2, max_steps=2, lr=1e-3, max_seq_length=32, logging_steps=1)
+    summary = fine_tune(model, rows, cfg, work_dir=tmp_path / "work", seed=0, device="cuda")
+    assert summary["steps"] == 2 and summary["train_loss"] == summary["train_loss"]  # trained, not NaN
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    index = DenseIndex([f"c{i}" for i in range(len(TRIPLE_TEXTS))], TRIPLE_TEXTS, model, batch_size=4)
+    hits = index.retrieve_many(["北京是中国的首都。", "the box is red"], 2)
+    assert [len(h) for h in hits] == [2, 2] and hits[0][0] == ("c2", pytest.approx(1.0, abs=1e-3))
