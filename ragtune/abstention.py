@@ -33,6 +33,17 @@ from ragtune.retrieval import tokenize_zh
 Hits = list[tuple[str, float]]
 
 
+def retrieve_excluding(index: Any, article_of: dict[str, str], queries: Sequence[str], k: int,
+                       exclude: set[str] | None = None) -> list[Hits]:
+    """Each query's top `k` over the KB as if `exclude`'s articles had never been added: asks for `k`
+    plus their chunk count (so `k` remain whatever they held), then drops theirs."""
+    if not exclude:
+        return index.retrieve_many(list(queries), k)
+    depth = k + sum(1 for a in article_of.values() if a in exclude)
+    return [[(cid, s) for cid, s in hits if article_of.get(cid) not in exclude][:k]
+            for hits in index.retrieve_many(list(queries), depth)]
+
+
 class RetrievalConfidence:
     """confidence(question, hits, exclude_articles) for one retriever over one KB."""
 
@@ -57,16 +68,13 @@ class RetrievalConfidence:
     def _token_bests(self, tokens: Sequence[str], exclude: set[str] | None) -> list[float]:
         """Each token's best score alone, over the KB without `exclude`'s articles (cached when none)."""
         if exclude:
-            depth = 1 + sum(1 for a in self.article_of.values() if a in exclude)
-            return [self._best_kept(hits, exclude) for hits in self.index.retrieve_many(list(tokens), depth)]
+            kept = retrieve_excluding(self.index, self.article_of, tokens, 1, exclude)
+            return [float(hits[0][1]) if hits else 0.0 for hits in kept]
         missing = sorted({t for t in tokens if t not in self._best})
         if missing:
             for token, hits in zip(missing, self.index.retrieve_many(missing, 1), strict=True):
                 self._best[token] = float(hits[0][1]) if hits else 0.0
         return [self._best[t] for t in tokens]
-
-    def _best_kept(self, hits: Hits, exclude: set[str]) -> float:
-        return next((float(s) for cid, s in hits if self.article_of.get(cid) not in exclude), 0.0)
 
 
 @dataclass
@@ -95,9 +103,7 @@ def calibrate(gate: RetrievalConfidence, questions: Sequence[Any], answerable_sh
 
 
 def _retrieve_without(gate: RetrievalConfidence, question: Any, k: int) -> Hits:
-    depth = k + sum(1 for a in gate.article_of.values() if a == question.article_id)
-    hits = gate.index.retrieve(question.question, depth)
-    return [(cid, s) for cid, s in hits if gate.article_of.get(cid) != question.article_id][:k]
+    return retrieve_excluding(gate.index, gate.article_of, [question.question], k, {question.article_id})[0]
 
 
 def _share_below(values: Sequence[float], threshold: float) -> float:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ragtune import prompts
-from ragtune.abstention import RetrievalConfidence
+from ragtune.abstention import RetrievalConfidence, retrieve_excluding
 from ragtune.config import Config, UserError, validate
 from ragtune.inference import Completion
 from ragtune.io import DataError, atomic_dir, read_json, sha256_file
@@ -376,11 +376,7 @@ class Bundle:
         return prompts.cmrc_prompt(passage[:lo], question), 1, "the first passage was cut to fit the context"
 
     def _retrieve(self, question: str, k: int, exclude_articles: set[str] | None) -> list[tuple[str, float]]:
-        if not exclude_articles:
-            return self.index.retrieve(question, k)
-        excluded = sum(1 for c in self.chunks.values() if c.article_id in exclude_articles)
-        hits = self.index.retrieve(question, k + excluded)
-        return [(cid, score) for cid, score in hits if self.chunks[cid].article_id not in exclude_articles][:k]
+        return retrieve_excluding(self.index, self.confidence.article_of, [question], k, exclude_articles)[0]
 
     def prepare(self, question: str, top_k: int | None = None, max_new_tokens: int | None = None,
                 exclude_articles: set[str] | None = None) -> Prepared:

@@ -32,6 +32,7 @@ from ragtune.data import (
     find_leaks,
     gold_chunks,
     mine_hard_negatives,
+    squad_answers,
     typed_field,
 )
 from ragtune.io import DataError, iter_jsonl, read_json
@@ -250,16 +251,7 @@ def load_squad(path: Path, report: Report, unanswerable: list[dict[str, Any]]) -
                 if impossible:
                     _unanswerable(unanswerable, qid, question, q_where)
                     continue
-                answers = []
-                for ans_idx, ans in enumerate(typed_field(qa, "answers", list, q_where)):
-                    a_where = f"{q_where} answer {ans_idx}"
-                    if not isinstance(ans, dict) or "text" not in ans:
-                        raise DataError(f"{a_where}: missing field 'text'")
-                    checked = check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
-                    if checked and checked not in answers:
-                        answers.append(checked)
-                if not answers:
-                    report.drops.append({"where": q_where, "reason": "question_without_answer"})
+                if not (answers := squad_answers(qa, context, q_where, report)):
                     continue
                 out.append(OwnQuestion(id=qid, question=question.strip(), where=q_where, file=str(path),
                                        answers=answers, context=context,

@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 
 from ragtune.config import Config
 from ragtune.io import DataError, iter_jsonl, read_json
-from ragtune.sources import DataConfig
 from ragtune.records import KbChunk, MathsQuestion, ReadingQuestion, Triple
+from ragtune.sources import DataConfig
 
 # --------------------------------------------------------------------------- configuration
 
@@ -96,6 +96,22 @@ def check_answer(context: str, text: Any, start: Any, where: str, report: Report
     return text, found
 
 
+def squad_answers(qa: Any, context: str, where: str, report: Report) -> list[tuple[str, int]]:
+    """A SQuAD question's answers ({text, answer_start} each), checked against `context` and deduplicated;
+    a bad answer, or a question left without one, is dropped into `report`."""
+    answers: list[tuple[str, int]] = []
+    for ans_idx, ans in enumerate(typed_field(qa, "answers", list, where)):
+        a_where = f"{where} answer {ans_idx}"
+        if not isinstance(ans, dict) or "text" not in ans:
+            raise DataError(f"{a_where}: missing field 'text'")
+        checked = check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
+        if checked and checked not in answers:
+            answers.append(checked)
+    if not answers:
+        report.drops.append({"where": where, "reason": "question_without_answer"})
+    return answers
+
+
 def load_cmrc(path: str | os.PathLike, report: Report, seen_ids: dict[str, str] | None = None) -> list[Article]:
     """Parse a SQuAD-style CMRC2018 file, validating every record; bad structure raises DataError.
     `seen_ids` (paragraph id -> where) carries the ids of files already loaded: ids key the KB's
@@ -126,16 +142,7 @@ def load_cmrc(path: str | os.PathLike, report: Report, seen_ids: dict[str, str] 
                 if not question.strip():
                     report.drops.append({"where": q_where, "reason": "empty_question"})
                     continue
-                answers = []
-                for ans_idx, ans in enumerate(typed_field(qa, "answers", list, q_where)):
-                    a_where = f"{q_where} answer {ans_idx}"
-                    if not isinstance(ans, dict) or "text" not in ans:
-                        raise DataError(f"{a_where}: missing field 'text'")
-                    checked = check_answer(context, ans["text"], ans.get("answer_start"), a_where, report)
-                    if checked and checked not in answers:
-                        answers.append(checked)
-                if not answers:
-                    report.drops.append({"where": q_where, "reason": "question_without_answer"})
+                if not (answers := squad_answers(qa, context, q_where, report)):
                     continue
                 article.questions.append(Question(id=qid, question=question.strip(), answers=answers))
             articles.append(article)

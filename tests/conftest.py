@@ -46,7 +46,9 @@ def project_env(mirror: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def copy_project(dest: Path) -> Path:
-    """A copy of the working tree (with its git history, without outputs or caches)."""
+    """A copy of the working tree (with its git history, without outputs or caches) that ignores what a
+    fresh clone ignores: the output folders' own tracked .gitignore files come along, or a `git add -A`
+    in the copy would commit outputs a test puts there and DVC would refuse to write them."""
     dest = Path(dest)
     shutil.copytree(
         ROOT,
@@ -54,11 +56,17 @@ def copy_project(dest: Path) -> Path:
         ignore=lambda d, names: [n for n in COPY_IGNORE(d, names)]
         + ([n for n in names if n in PIPELINE_OUTPUTS] if Path(d) == ROOT else []),
     )
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *PIPELINE_OUTPUTS], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    for name in filter(None, listed.split("\0")):
+        if Path(name).name == ".gitignore":
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
     return dest
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

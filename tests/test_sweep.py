@@ -48,9 +48,6 @@ def test_two_queued_lr_experiments_run_two_at_a_time_and_are_tracked(tmp_path, m
     for built in ("data/raw", "data/prepared", "models/base"):  # fetch/split outputs: reused when present
         if (ROOT / built).exists() and any((ROOT / built).iterdir()):
             shutil.copytree(ROOT / built, work / built, symlinks=True)
-    # copy_project leaves the output folders out, their tracked .gitignore files with them: put those back,
-    # or `git add -A` below would commit the copied outputs and DVC would refuse to write them
-    run(["git", "checkout", "HEAD", "--", "data", "models"], work, project_env())
     # The queue runs each experiment from a git commit (plus the workspace's changes): commit this copy's
     # tree (the main checkout is untouched), and import ragtune from the copy, not from the editable install.
     env = project_env(mirror, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(work))
