@@ -4,7 +4,7 @@ answerable questions that never abstains on more than the share asked for."""
 
 import pytest
 
-from ragtune.abstention import RetrievalConfidence, calibrate
+from ragtune.abstention import RetrievalConfidence, calibrate, retrieve_excluding
 from ragtune.records import ReadingQuestion
 from ragtune.retrieval import BM25Index
 
@@ -31,8 +31,18 @@ def question(qid, text, article):
 
 
 def confidence(gate, text, exclude=None):
-    hits = [(cid, s) for cid, s in gate.index.retrieve(text, 10) if gate.article_of[cid] not in (exclude or set())]
-    return gate.confidence(text, hits[:1], exclude)
+    hits = retrieve_excluding(gate.index, gate.article_of, [text], 1, exclude)[0]
+    return gate.confidence(text, hits, exclude)
+
+
+def test_retrieval_without_an_article_keeps_k_hits_and_none_of_its_chunks(gate):
+    text = "灯塔的铜钟和守塔人"
+    whole = retrieve_excluding(gate.index, gate.article_of, [text], 2)[0]
+    assert {gate.article_of[cid] for cid, _ in whole} == {"lighthouse"}  # both of its chunks rank first
+    without = retrieve_excluding(gate.index, gate.article_of, [text, "大桥"], 2, {"lighthouse"})
+    assert [len(hits) for hits in without] == [2, 2]  # k is still honoured after the article's chunks go
+    assert all(gate.article_of[cid] != "lighthouse" for hits in without for cid, _ in hits)
+    assert without[1] == retrieve_excluding(gate.index, gate.article_of, ["大桥"], 2)[0]  # untouched otherwise
 
 
 def test_a_question_the_kb_covers_scores_higher_than_one_it_does_not(gate):
