@@ -277,7 +277,7 @@ def test_exp_run_lr_reruns_only_what_depends_on_lr(tmp_path, mirror):
     work = copy_project(tmp_path / "copy")
     for built in ("data/raw", "data/prepared", "models/base"):  # fetch/split outputs: reused, not rebuilt
         if (ROOT / built).exists():
-            shutil.copytree(ROOT / built, work / built, symlinks=True)
+            shutil.copytree(ROOT / built, work / built, symlinks=True, dirs_exist_ok=True)
     env = project_env(mirror, OMP_NUM_THREADS="1")
     run(["dvc", "exp", "run", "-S", "profile=smoke"], work, env, timeout=3600)  # the baseline
     second = run(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "lr=1e-4"], work, env, timeout=3600)

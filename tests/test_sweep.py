@@ -47,7 +47,7 @@ def test_two_queued_lr_experiments_run_two_at_a_time_and_are_tracked(tmp_path, m
     work = copy_project(tmp_path / "copy")
     for built in ("data/raw", "data/prepared", "models/base"):  # fetch/split outputs: reused when present
         if (ROOT / built).exists() and any((ROOT / built).iterdir()):
-            shutil.copytree(ROOT / built, work / built, symlinks=True)
+            shutil.copytree(ROOT / built, work / built, symlinks=True, dirs_exist_ok=True)
     # The queue runs each experiment from a git commit (plus the workspace's changes): commit this copy's
     # tree (the main checkout is untouched), and import ragtune from the copy, not from the editable install.
     env = project_env(mirror, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(work))
