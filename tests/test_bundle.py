@@ -152,6 +152,7 @@ def test_the_confidence_gate_abstains_without_generating(bundle_dir):
     gated.settings = gated.settings.model_copy(update={"min_confidence": None})
     assert not gated.answer_many([unknown])[0]["abstained"]
 
+
 def test_gold_passages_use_the_same_template_and_budget(bundle):
     prepared = bundle.prepare_with_passages(READING_QUESTION, ["光荣和ω-force合作开发了这款游戏。"])
     assert prepared.route == "reading" and prepared.max_new_tokens == TINY_ANSWER.max_new_tokens_reading
